@@ -1,0 +1,1 @@
+"""slimlm engine: load, compress and measure causal language models. Never imports streamlit."""

@@ -1,0 +1,168 @@
+"""Pure helpers behind the app's comparison views (no streamlit): a flat table of runs, the
+Pareto frontier, shareable query parameters and the evaluation protocol of a run."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+
+import numpy as np
+import pandas as pd
+
+MB = 1e6
+
+# Metrics offered on the comparison axes; all are "lower is better".
+Y_METRICS = {
+    "perplexity": "Perplexity",
+    "kl_vs_baseline": "KL vs baseline (nats/token)",
+    "nll": "NLL (nats/token)",
+}
+MEMORY_METRICS = {
+    "weight_mb": "Weight memory (MB)",
+    "peak_rss_mb": "Peak process RSS (MB)",
+}
+LATENCY_METRICS = {
+    "decode_ms": "Decode latency, batch 1 (ms/token, median)",
+    "decode_ms_p90": "Decode latency, batch 1 (ms/token, p90)",
+    "prefill_ms": "Prefill latency (ms, median)",
+}
+# View options of the Compare page as they travel in a share URL, with their defaults.
+VIEW_DEFAULTS = {"y": "perplexity", "mem": "weight_mb", "lat": "decode_ms", "log": False}
+_VIEW_CHOICES = {"y": Y_METRICS, "mem": MEMORY_METRICS, "lat": LATENCY_METRICS}
+
+
+def _get(d, *keys):
+    """d[k1][k2]... or None when any level is missing or None."""
+    for k in keys:
+        if not isinstance(d, Mapping) or d.get(k) is None:
+            return None
+        d = d[k]
+    return d
+
+
+def _mb(v):
+    return None if v is None else v / MB
+
+
+def protocol(run) -> dict:
+    """How a run's accuracy was measured: only runs with equal protocols have comparable accuracy.
+    Prefers what the engine recorded, falls back to the requested settings."""
+    acc = run.metrics.get("accuracy") or {}
+    m = run.experiment.measure
+    return {
+        "model": run.experiment.model,
+        "corpus": acc.get("corpus") or m.corpus,
+        "window_len": acc.get("window_len") or m.window_len,
+        "windows": acc.get("windows") or m.eval_windows,
+    }
+
+
+def protocol_key(run) -> tuple:
+    p = protocol(run)
+    return (p["model"], str(p["corpus"]), int(p["window_len"]), int(p["windows"]))
+
+
+def runs_frame(runs: Iterable) -> pd.DataFrame:
+    """One row per run: identity, settings, status and flattened metrics (NaN where missing)."""
+    rows = []
+    for r in runs:
+        m = r.metrics or {}
+        acc, mem, lat = m.get("accuracy") or {}, m.get("memory") or {}, m.get("latency") or {}
+        p = protocol(r)
+        row = {
+            "id": r.id,
+            "label": r.label,
+            "status": r.status,
+            "stage": r.stage,
+            "progress": (r.step / r.total) if r.total else None,
+            "created": datetime.fromtimestamp(r.created),
+            "model": r.experiment.model,
+            "dtype": r.experiment.dtype,
+            "device": _get(m, "env", "device") or lat.get("device") or r.experiment.device,
+            "corpus": p["corpus"],
+            "window_len": p["window_len"],
+            "windows": p["windows"],
+            "tokens": acc.get("tokens"),
+            "perplexity": acc.get("perplexity"),
+            "nll": acc.get("nll"),
+            "kl_vs_baseline": acc.get("kl_vs_baseline"),
+            "top1_agreement": acc.get("top1_agreement"),
+            "weight_mb": _mb(mem.get("weight_bytes")),
+            "baseline_weight_mb": _mb(mem.get("baseline_weight_bytes")),
+            "compression": mem.get("compression"),
+            "params": mem.get("param_count"),
+            "peak_rss_mb": _mb(mem.get("peak_rss_bytes")),
+            "peak_gpu_mb": _mb(mem.get("peak_gpu_bytes")),
+            "prefill_ms": _get(lat, "prefill_ms", "median"),
+            "prefill_ms_p90": _get(lat, "prefill_ms", "p90"),
+            "decode_ms": _get(lat, "decode_ms", "median"),
+            "decode_ms_p90": _get(lat, "decode_ms", "p90"),
+        }
+        for t in lat.get("throughput") or []:
+            row[f"tokens_per_s_b{t['batch']}"] = t.get("tokens_per_s")
+        row["total_s"] = _get(m, "timings", "total_s")
+        row["error"] = r.error
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return pd.DataFrame(columns=["id", "label", "display"])
+    # A unique name per run for legends and column headers (the same setting may run twice).
+    dup = df["label"].duplicated(keep=False)
+    df.insert(2, "display", df["label"].where(~dup, df["label"] + " · " + df["id"].str[:6]))
+    num = [c for c in df.columns if c not in ("id", "label", "display", "status", "stage", "created",
+                                                "model", "dtype", "device", "corpus", "error")]
+    df[num] = df[num].apply(pd.to_numeric, errors="coerce")
+    return df
+
+
+def pareto_mask(df: pd.DataFrame, x: str, y: str) -> pd.Series:
+    """True for rows not dominated by another row (lower x and lower y are better).
+    Rows missing x or y are never on the frontier; exact duplicates are both kept."""
+    if df.empty or x not in df or y not in df:
+        return pd.Series(False, index=df.index, dtype=bool)
+    xs = pd.to_numeric(df[x], errors="coerce").to_numpy(float)
+    ys = pd.to_numeric(df[y], errors="coerce").to_numpy(float)
+    valid = ~(np.isnan(xs) | np.isnan(ys))
+    # dominated[i, j]: row j is at least as good as row i on both and strictly better on one
+    le = (xs[None, :] <= xs[:, None]) & (ys[None, :] <= ys[:, None])
+    lt = (xs[None, :] < xs[:, None]) | (ys[None, :] < ys[:, None])
+    dominated = (le & lt & valid[None, :]).any(axis=1)
+    return pd.Series(valid & ~dominated, index=df.index, dtype=bool)
+
+
+def share_query(run_ids: Iterable[str], **view) -> dict[str, str]:
+    """Query parameters that reproduce a comparison: runs=id1,id2 plus view options."""
+    q = {"runs": ",".join(run_ids)}
+    for k, v in view.items():
+        if v is not None:
+            q[k] = ("1" if v else "0") if isinstance(v, bool) else str(v)
+    return q
+
+
+def parse_share_query(params: Mapping) -> tuple[list[str], dict]:
+    """Inverse of share_query. Unknown or invalid view values fall back to VIEW_DEFAULTS."""
+    def last(v):
+        return v[-1] if isinstance(v, (list, tuple)) else v
+
+    raw = params.get("runs") or ""
+    parts = raw if isinstance(raw, (list, tuple)) else [raw]
+    ids = list(dict.fromkeys(i.strip() for p in parts for i in str(p).split(",") if i.strip()))
+    view = dict(VIEW_DEFAULTS)
+    for k, default in VIEW_DEFAULTS.items():
+        v = last(params.get(k))
+        if v is None:
+            continue
+        if isinstance(default, bool):
+            view[k] = str(v).lower() in ("1", "true", "yes", "on")
+        elif v in _VIEW_CHOICES.get(k, {v: None}):
+            view[k] = v
+    return ids, view
+
+
+def samples_by_prompt(runs: Iterable, names: Mapping[str, str] | None = None) -> dict[str, dict[str, str]]:
+    """{prompt: {run name: output}} so the same prompt can be shown across runs side by side."""
+    out: dict[str, dict[str, str]] = {}
+    for r in runs:
+        name = (names or {}).get(r.id, r.label)
+        for s in (r.metrics or {}).get("samples") or []:
+            out.setdefault(s.get("prompt", ""), {})[name] = s.get("output", "")
+    return out

@@ -1,0 +1,140 @@
+"""Run one experiment end to end: load, compress (the chain of steps), measure.
+
+Order matters for honest numbers: accuracy is measured first against a float32 reference copy
+(same windows, window by window); the reference is then freed and the process's peak memory is
+reset, so the peak reported is that of the compressed model running latency and generation.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from . import data, models
+from .measure import memory
+from .measure.accuracy import evaluate
+from .measure.env import environment
+from .measure.latency import measure_latency
+from .paths import ASSETS_DIR
+from .recipe import Experiment
+
+NOOP = lambda stage, step=0, total=0: None  # noqa: E731
+
+
+def _apply_rtn(model, step, progress):
+    from .quant.linear import quantize_model_rtn
+
+    return quantize_model_rtn(model, step, progress=progress)
+
+
+# Steps applied to an already-loaded model. (bitsandbytes quantizes while loading: see _load.)
+STEP_APPLIERS = {"rtn": _apply_rtn}
+
+
+def _load(exp: Experiment, src, device: str):
+    """Returns (model, reference or None). The reference is the unmodified float32 model,
+    kept only when the run changes the model (for KL / top-1 / per-layer error)."""
+    first = exp.steps[0] if exp.steps else None
+    if first is not None and first.method == "bnb":
+        from .quant.bnb import load_with_bnb
+
+        model = load_with_bnb(src, first, exp.dtype, device)
+        return model, models.load_model(src, "fp32", device)
+    base = models.load_model(src, "fp32", device)
+    if not exp.steps and exp.dtype == "fp32":
+        return base, None
+    return copy.deepcopy(base).to(models.torch_dtype(exp.dtype)), base
+
+
+def sample_generations(model, tokenizer, max_new_tokens: int) -> list[dict]:
+    prompts = json.loads((ASSETS_DIR / "prompts.json").read_text())["prompts"]
+    device = next(model.parameters()).device
+    out = []
+    for prompt in prompts:
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        else:
+            text = prompt
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
+        with torch.inference_mode():
+            gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out.append({"prompt": prompt, "output": tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()})
+    return out
+
+
+def run_experiment(exp: Experiment, progress=NOOP, artifact_dir: Path | None = None) -> dict:
+    from .quant.bnb import module_bytes
+
+    t_start = time.perf_counter()
+    timings = {}
+    base_rss = memory.current_rss()
+    device = models.resolve_device(exp.device)
+    m = exp.measure
+
+    progress("load model", 0, 1)
+    t = time.perf_counter()
+    src = models.resolve(exp.model)
+    tokenizer = models.load_tokenizer(src)
+    windows = data.eval_windows(tokenizer, m.corpus, m.window_len, m.eval_windows)  # fail early on bad data
+    model, reference = _load(exp, src, device)
+    timings["load_s"] = time.perf_counter() - t
+    info = models.model_info(src, reference if reference is not None else model)
+    baseline_bytes = module_bytes(reference if reference is not None else model)
+
+    t = time.perf_counter()
+    layers: list[dict] = []
+    for i, step in enumerate(exp.steps):
+        if step.method == "bnb":
+            from .quant.bnb import bnb_layer_records
+
+            layers += bnb_layer_records(model, reference)
+            continue
+        progress(f"step {i + 1}/{len(exp.steps)}: {step.label()}", 0, 1)
+        layers += STEP_APPLIERS[step.method](model, step, progress)
+    timings["compress_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    accuracy = evaluate(model, windows, reference, progress)
+    accuracy["corpus"] = m.corpus
+    timings["accuracy_s"] = time.perf_counter() - t
+    del reference
+    gc.collect()
+
+    memory.reset_peak()
+    latency = None
+    if m.latency:
+        t = time.perf_counter()
+        prompt = data.prompt_tokens(tokenizer, m.corpus, m.prompt_len)
+        latency = measure_latency(model, prompt, m.decode_tokens, m.batch_sizes, m.warmup, m.repeats, progress)
+        latency["dtype"] = exp.dtype
+        timings["latency_s"] = time.perf_counter() - t
+    samples = []
+    if m.samples:
+        progress("samples", 0, 1)
+        samples = sample_generations(model, tokenizer, m.sample_tokens)
+    weight_bytes = module_bytes(model)
+    mem = {
+        "weight_bytes": weight_bytes,
+        "baseline_weight_bytes": baseline_bytes,
+        "compression": baseline_bytes / weight_bytes if weight_bytes else None,
+        "param_count": info["params"],
+        "peak_rss_bytes": memory.peak_rss(),
+        "process_base_rss_bytes": base_rss,
+        "peak_gpu_bytes": memory.peak_gpu(),
+    }
+    timings["total_s"] = time.perf_counter() - t_start
+    notes = [src.note] if src.note else []
+    if any(s.method == "rtn" for s in exp.steps) and device == "cpu":
+        notes.append("RTN layers run the reference path here (dequantize, then matmul): memory shrinks, decode does not get faster on CPU.")
+    metrics = {
+        "accuracy": accuracy, "memory": mem, "latency": latency, "layers": layers, "samples": samples,
+        "env": environment(device), "timings": timings, "model": info, "notes": notes,
+    }
+    if artifact_dir is not None:
+        (Path(artifact_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    progress("done", 1, 1)
+    return metrics

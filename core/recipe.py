@@ -1,0 +1,166 @@
+"""An experiment as validated data: model + a chain of compression steps + measurement options.
+
+Everything here serialises to JSON (`Experiment.model_dump_json()`), so a run in the store can be
+re-run, shown, and shared. Out-of-range values raise RecipeError with a message naming the field.
+"""
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import RecipeError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RTNStep(_Strict):
+    """Round-to-nearest weight-only quantization of every linear layer (except `skip`)."""
+
+    method: Literal["rtn"] = "rtn"
+    bits: int = 4
+    group_size: int | None = Field(None, description="columns per scale; None = one scale per output channel")
+    symmetric: bool = True
+    skip: list[str] = Field(default_factory=lambda: ["lm_head"])
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if not 2 <= v <= 8:
+            raise ValueError(f"bits must be between 2 and 8, got {v}")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int | None) -> int | None:
+        if v is not None and v <= 0:
+            raise ValueError(f"group_size must be a positive number of columns (or empty for per-channel), got {v}")
+        return v
+
+    def label(self) -> str:
+        g = f"g{self.group_size}" if self.group_size else "per-channel"
+        return f"RTN int{self.bits} {g} {'sym' if self.symmetric else 'asym'}"
+
+
+class BnbStep(_Strict):
+    """bitsandbytes: LLM.int8 (mode int8) or 4-bit NF4/FP4 weights, applied while loading."""
+
+    method: Literal["bnb"] = "bnb"
+    mode: Literal["int8", "nf4", "fp4"] = "nf4"
+    compute_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    double_quant: bool = False
+    int8_threshold: float = 6.0
+
+    @field_validator("int8_threshold")
+    @classmethod
+    def _thr(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError(f"int8_threshold must be >= 0, got {v}")
+        return v
+
+    def label(self) -> str:
+        return "bnb LLM.int8" if self.mode == "int8" else f"bnb {self.mode.upper()}{' +DQ' if self.double_quant else ''}"
+
+
+Step = Annotated[Union[RTNStep, BnbStep], Field(discriminator="method")]
+STEP_TYPES = {"rtn": RTNStep, "bnb": BnbStep}
+
+
+class MeasureOptions(_Strict):
+    """What to measure and how. Accuracy uses the same token windows for every run with equal
+    (model, corpus, eval_windows, window_len), so perplexity/KL/top-1 are comparable."""
+
+    corpus: str = Field("brown", description="'brown' (built-in evaluation split) or a path to a UTF-8 text file")
+    eval_windows: int = Field(32, ge=1, le=4096)
+    window_len: int = Field(512, ge=8, le=8192)
+    latency: bool = True
+    prompt_len: int = Field(128, ge=1, le=8192)
+    decode_tokens: int = Field(32, ge=2, le=1024)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 4, 16])
+    warmup: int = Field(2, ge=0, le=100)
+    repeats: int = Field(5, ge=1, le=1000)
+    samples: bool = True
+    sample_tokens: int = Field(40, ge=1, le=512)
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _batches(cls, v: list[int]) -> list[int]:
+        if not v or any(b < 1 or b > 1024 for b in v):
+            raise ValueError(f"batch_sizes must be a non-empty list of integers between 1 and 1024, got {v}")
+        return sorted(set(v))
+
+
+class Experiment(_Strict):
+    model: str = DEFAULT_MODEL
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    steps: list[Step] = Field(default_factory=list)
+    measure: MeasureOptions = Field(default_factory=MeasureOptions)
+    name: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("model must not be empty")
+        return v
+
+    @field_validator("steps")
+    @classmethod
+    def _chain(cls, steps: list) -> list:
+        for i, s in enumerate(steps):
+            if s.method == "bnb" and i != 0:
+                raise ValueError("a bitsandbytes step quantizes while loading, so it must be the first step")
+        if sum(s.method == "bnb" for s in steps) > 1:
+            raise ValueError("only one bitsandbytes step per experiment")
+        return steps
+
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if not self.steps:
+            return f"baseline {self.dtype}"
+        return " + ".join(s.label() for s in self.steps) + ("" if self.dtype == "fp32" else f" ({self.dtype})")
+
+
+def _format_validation_error(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"] if not (isinstance(x, str) and x in STEP_TYPES))
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "Invalid settings: " + "; ".join(parts)
+
+
+def parse_experiment(data: dict | str) -> Experiment:
+    """Validate a dict or JSON string; raise RecipeError with a readable message."""
+    try:
+        if isinstance(data, str):
+            return Experiment.model_validate_json(data)
+        return Experiment.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_format_validation_error(e)) from None
+
+
+def parse_step(spec: str) -> dict:
+    """CLI step syntax: 'rtn:bits=4,group_size=64,symmetric=false' -> dict for a step."""
+    method, _, rest = spec.partition(":")
+    method = method.strip().lower()
+    if method not in STEP_TYPES:
+        raise RecipeError(f"Unknown step '{method}'. Known steps: {', '.join(STEP_TYPES)}")
+    out: dict = {"method": method}
+    for kv in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, val = kv.partition("=")
+        if not eq:
+            raise RecipeError(f"Step option '{kv}' must look like key=value")
+        try:
+            out[key.strip()] = json.loads(val)
+        except json.JSONDecodeError:
+            out[key.strip()] = val.strip()
+    return out
