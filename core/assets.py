@@ -149,6 +149,8 @@ def _convert(gguf: Path, out_dir: Path, progress: Progress = None) -> None:
     out_dir.mkdir(parents=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
+    for f in out_dir.iterdir():
+        f.chmod(0o644)  # some writers create 0600 files
     _report(progress, "convert model", 2, 3)
 
     # Reload what was written and check it computes the same thing (catches lost tied weights).

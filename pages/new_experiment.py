@@ -1,0 +1,170 @@
+"""New experiment: pick a model, tick one or more compression settings, submit one run each."""
+import streamlit as st
+
+from core import jobs
+from core.assets import DEFAULT_MODEL_NOTE
+from core.errors import RecipeError, SlimError
+from core.models import BUILTIN_MODELS
+try:  # TEMP until core/quant/bnb.py lands
+    from core.quant.bnb import bnb_status
+except ImportError:
+    def bnb_status():
+        return {"available": False, "int8": False, "nf4": False, "fp4": False, "version": None, "detail": "core/quant/bnb.py not there yet"}
+from core.recipe import DEFAULT_MODEL, parse_experiment
+from core.store import Store
+
+store = st.session_state.get("store") or Store()
+
+# (key, label, steps, bitsandbytes mode it needs, help)
+PRESETS = [
+    ("baseline", "Baseline (no compression)", [], None,
+     "The model as loaded. Runs that compress it report KL and top-1 agreement against it."),
+    ("rtn8", "RTN int8 per-channel", [{"method": "rtn", "bits": 8, "group_size": None}], None, None),
+    ("rtn4g64", "RTN int4 g64", [{"method": "rtn", "bits": 4, "group_size": 64}], None, None),
+    ("rtn4g128", "RTN int4 g128", [{"method": "rtn", "bits": 4, "group_size": 128}], None,
+     "128 does not divide every layer width (e.g. 576 in the default model): the last group of "
+     "each row is then shorter, and still gets its own scale."),
+    ("rtn3g64", "RTN int3 g64", [{"method": "rtn", "bits": 3, "group_size": 64}], None, None),
+    ("rtn2g64", "RTN int2 g64", [{"method": "rtn", "bits": 2, "group_size": 64}], None,
+     "Expect a large accuracy loss: this shows where round-to-nearest breaks down."),
+    ("bnb_int8", "bitsandbytes LLM.int8", [{"method": "bnb", "mode": "int8"}], "int8", None),
+    ("bnb_nf4", "bitsandbytes NF4", [{"method": "bnb", "mode": "nf4"}], "nf4", None),
+    ("bnb_fp4", "bitsandbytes FP4", [{"method": "bnb", "mode": "fp4"}], "fp4", None),
+]
+DEFAULT_PRESETS = {"baseline", "rtn8", "rtn4g64"}
+
+
+@st.cache_resource(show_spinner="Checking bitsandbytes…")
+def _bnb() -> dict:
+    return bnb_status()
+
+
+st.title("New experiment")
+st.write("Choose a model and tick the settings to try: each ticked setting runs as its own "
+         "experiment in the background, measured the same way so the results are comparable.")
+
+left, right = st.columns(2, gap="large")
+
+with left:
+    st.subheader("Model")
+    other = "Other: local checkpoint, .gguf file or hub id"
+    choice = st.radio("Model", [*BUILTIN_MODELS, other], key="model_choice",
+                      format_func=lambda k: f"{k} — {BUILTIN_MODELS[k]}" if k in BUILTIN_MODELS else k)
+    if choice == other:
+        model = st.text_input("Model location", key="model_other",
+                              placeholder="/path/to/checkpoint-dir, /path/to/model.gguf or org/name")
+        st.caption("A transformers checkpoint directory, a .gguf file (converted once) or a "
+                   "Hugging Face hub id (needs network access). Causal language models only.")
+    else:
+        model = choice
+        if choice == DEFAULT_MODEL:
+            st.info(DEFAULT_MODEL_NOTE, icon=":material/info:")
+    c1, c2 = st.columns(2)
+    dtype = c1.selectbox("Weights dtype", ["fp32", "bf16", "fp16"], key="dtype",
+                         help="dtype of the unquantized weights and activations.")
+    device = c2.selectbox("Device", ["auto", "cpu", "cuda"], key="device",
+                          help="auto = a CUDA GPU when there is one, else the CPU.")
+
+    st.subheader("Settings")
+    bnb = _bnb()
+    selected = []  # (label shown in errors, steps, experiment name or None)
+    for key, label, steps, bnb_mode, help_text in PRESETS:
+        usable = bnb_mode is None or bool(bnb.get(bnb_mode))
+        if not usable:
+            help_text = f"Not available on this machine: {bnb.get('detail') or 'bitsandbytes is missing'}"
+        ticked = st.checkbox(label, value=key in DEFAULT_PRESETS and usable, key=f"preset_{key}",
+                             disabled=not usable, help=help_text)
+        if ticked and usable:
+            if bnb_mode:  # bitsandbytes computes in the chosen dtype
+                steps = [dict(steps[0], compute_dtype=dtype)]
+            selected.append((label, steps, None))
+    modes = ", ".join(f"{m} {'✓' if bnb.get(m) else '✗'}" for m in ("int8", "nf4", "fp4"))
+    st.caption(f"bitsandbytes {bnb.get('version') or 'not installed'}: {modes}."
+               + (f" {bnb['detail']}" if bnb.get("detail") else ""))
+
+    with st.container(border=True):
+        custom = st.checkbox("Custom RTN setting", key="custom_on")
+        c1, c2, c3 = st.columns(3)
+        bits = c1.number_input("Bits", value=4, step=1, key="custom_bits", disabled=not custom,
+                               help="2 to 8 bits per weight.")
+        per_channel = c3.checkbox("Per-channel", key="custom_per_channel", disabled=not custom,
+                                  help="One scale per output channel instead of per group of columns.")
+        group = c2.number_input("Group size", value=64, step=1, key="custom_group",
+                                disabled=not custom or per_channel,
+                                help="Columns sharing one scale (and zero point when asymmetric).")
+        symmetric = st.checkbox("Symmetric", value=True, key="custom_symmetric", disabled=not custom,
+                                help="Symmetric: no zero point. Asymmetric: a zero point per group, "
+                                     "which fits skewed weights better at a small memory cost.")
+        skip = st.text_input("Keep unquantized (comma-separated layer names)", value="lm_head",
+                             key="custom_skip", disabled=not custom)
+        name = st.text_input("Name (optional)", key="custom_name", disabled=not custom)
+        if custom:
+            selected.append((name or "Custom RTN", [{
+                "method": "rtn", "bits": int(bits), "group_size": None if per_channel else int(group),
+                "symmetric": symmetric, "skip": [s.strip() for s in skip.split(",") if s.strip()],
+            }], name.strip() or None))
+
+with right:
+    st.subheader("Measurement")
+    st.caption(
+        "Small defaults so that one run of the 135M default model takes about a minute or two on "
+        "2 CPU cores: perplexity on 16 windows × 256 tokens (4,096 tokens — enough to rank "
+        "settings; raise both for tighter numbers), latency with a 64-token prompt, 16 decode "
+        "steps and 3 timed repeats. Only runs measured with the same model, corpus, windows and "
+        "window length have comparable accuracy."
+    )
+    c1, c2 = st.columns(2)
+    corpus = c1.text_input("Corpus", value="brown", key="m_corpus",
+                           help="'brown' (built-in evaluation text) or the path of a UTF-8 text file.")
+    windows = c2.number_input("Evaluation windows", 1, 4096, 16, key="m_windows")
+    window_len = c1.number_input("Window length (tokens)", 8, 8192, 256, key="m_window_len")
+    latency = st.toggle("Measure latency", value=True, key="m_latency")
+    c1, c2 = st.columns(2)
+    prompt_len = c1.number_input("Prompt length (tokens)", 1, 8192, 64, key="m_prompt_len", disabled=not latency)
+    decode_tokens = c2.number_input("Decode steps", 2, 1024, 16, key="m_decode_tokens", disabled=not latency)
+    warmup = c1.number_input("Warm-up repeats", 0, 100, 1, key="m_warmup", disabled=not latency)
+    repeats = c2.number_input("Timed repeats", 1, 1000, 3, key="m_repeats", disabled=not latency)
+    batch_sizes = st.multiselect("Decode batch sizes (throughput)", [1, 2, 4, 8, 16, 32, 64], default=[1, 4],
+                                 key="m_batches", disabled=not latency)
+    samples = st.toggle("Generate sample outputs", value=True, key="m_samples")
+    sample_tokens = st.number_input("Tokens per sample", 1, 512, 24, key="m_sample_tokens", disabled=not samples)
+
+measure = {
+    "corpus": corpus, "eval_windows": int(windows), "window_len": int(window_len),
+    "latency": latency, "prompt_len": int(prompt_len), "decode_tokens": int(decode_tokens),
+    "batch_sizes": batch_sizes or [1], "warmup": int(warmup), "repeats": int(repeats),
+    "samples": samples, "sample_tokens": int(sample_tokens),
+}
+
+st.divider()
+n = len(selected)
+if st.button(f"Run {n} experiment{'s' * (n != 1)}", type="primary", disabled=not n, key="submit"):
+    experiments, errors = [], []
+    for label, steps, exp_name in selected:
+        try:
+            experiments.append(parse_experiment({"model": model, "dtype": dtype, "device": device,
+                                                 "steps": steps, "measure": measure, "name": exp_name}))
+        except RecipeError as e:
+            errors.append(f"**{label}** — {e}")
+    if errors:
+        for e in errors:
+            st.error(e)
+        st.caption("Nothing was submitted.")
+    else:
+        try:
+            st.session_state["submitted"] = [(jobs.submit(e, store), e.label()) for e in experiments]
+        except (SlimError, OSError) as e:
+            st.error(f"Could not start the experiments: {e}")
+if not n:
+    st.caption("Tick at least one setting.")
+
+if submitted := st.session_state.get("submitted"):
+    st.success(f"Submitted {len(submitted)} experiment{'s' * (len(submitted) != 1)}. They run in the "
+               "background; follow them on the Experiments page.")
+    for run_id, label in submitted:
+        st.page_link("pages/run_detail.py", label=f"{label} (run {run_id})", query_params={"run": run_id},
+                     icon=":material/description:")
+    st.page_link("pages/experiments.py", label="Experiments: progress of all runs", icon=":material/list:")
+    if len(submitted) > 1:
+        st.page_link("pages/compare.py", label="Compare these runs", icon=":material/compare_arrows:",
+                     query_params={"runs": ",".join(i for i, _ in submitted)})
