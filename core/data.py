@@ -68,6 +68,8 @@ def detokenize(words: list[str]) -> str:
     single_open = False
     for w in words:
         glue_left = w in _NO_SPACE_BEFORE or w.lower() in _CLITICS
+        if w == "." and out and out[-1].endswith(".") and not out[-1].endswith(".."):
+            continue  # "Jr. ." -> "Jr."
         if w == "'":
             glue_left = single_open
             single_open = not single_open
@@ -214,3 +216,10 @@ def calibration_windows(tokenizer, corpus: str, window_len: int, n: int, seed: i
     count = windows.shape[0]
     idx = random.Random(seed).sample(range(count), min(max(n, 1), count))
     return windows[torch.tensor(idx)].clone()
+
+
+def prompt_tokens(tokenizer, corpus: str, n: int) -> torch.LongTensor:
+    """A fixed real-text prompt of exactly n tokens (latency): the evaluation split's first n tokens."""
+    ids = _corpus_ids(tokenizer, corpus, "eval")
+    reps = -(-n // ids.numel())
+    return ids.repeat(reps)[:n].clone()

@@ -84,39 +84,62 @@ def _check_gguf_header(path: Path) -> None:
         raise ModelLoadError(f"{path} is not a GGUF file (bad magic bytes {magic!r}).")
 
 
+MARKER_NAME = "slimlm_source.json"  # written last into a converted checkpoint: its presence means complete
+
+
+def _max_logit_diff(a, b, input_ids) -> float:
+    import torch
+
+    with torch.no_grad():
+        return (a(input_ids).logits - b(input_ids).logits).abs().max().item()
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path, extra_info: dict | None = None) -> Path:
-    """Dequantize a .gguf with transformers and save it as a plain float32 checkpoint (atomically)."""
+    """Dequantize a .gguf with transformers and save it as a plain float32 checkpoint.
+
+    transformers flags a GGUF-loaded model as quantized and refuses save_pretrained, so the model is
+    rebuilt with from_config + load_state_dict; outputs are checked equal before and after reloading
+    (this catches a lost lm_head/embedding tie). Written in a temp dir and renamed, so an interrupted
+    conversion leaves nothing half-done."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_path = Path(gguf_path)
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     _check_gguf_header(gguf_path)
     try:
-        qmodel = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        src = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    except ModelLoadError:
-        raise
-    except Exception as e:  # the gguf reader raises many kinds on truncated/corrupt files
+    except Exception as e:  # the gguf reader raises many kinds of errors on truncated/corrupt files
         raise ModelLoadError(f"Could not load GGUF file {gguf_path}: it looks corrupt, truncated or of an unsupported architecture ({type(e).__name__}: {str(e)[:200]}).") from None
-    config = qmodel.config
+    config = src.config
     _check_causal(config, str(gguf_path))
-    for attr in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(config, attr):
+    for attr in ("quantization_config", "_is_quantized", "_pre_quantization_dtype"):
+        if attr in vars(config):
             delattr(config, attr)
+    config.dtype = torch.float32
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(qmodel.state_dict(), strict=False)
-    missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", None) or []]
-    if unexpected or [k for k in missing if "lm_head" not in k]:
-        raise ModelLoadError(f"GGUF {gguf_path}: weights do not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]}).")
+    model.load_state_dict(src.state_dict())
     model.tie_weights()
-    out_dir = Path(out_dir)
+    model.eval()
+    if src.generation_config is not None:
+        model.generation_config = src.generation_config
+    probe = tokenizer("The Brown Corpus is a collection of American English.", return_tensors="pt").input_ids
+    if _max_logit_diff(src, model, probe) > 1e-4:
+        raise ModelLoadError(f"Rebuilding {gguf_path.name} as a plain model changed its outputs.")
+
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        info = {"source": str(gguf_path), "sha256": _sha256(gguf_path), **(extra_info or {})}
-        (tmp / "slimlm_source.json").write_text(json.dumps(info, indent=2))
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+        if _max_logit_diff(src, reloaded, probe) > 1e-4:
+            raise ModelLoadError(f"The checkpoint converted from {gguf_path.name} does not reload with the same outputs.")
+        info = {"source_file": gguf_path.name, "source_sha256": _sha256(gguf_path),
+                "params": sum(p.numel() for p in model.parameters()), **(extra_info or {})}
+        (tmp / MARKER_NAME).write_text(json.dumps(info, indent=2) + "\n")
+        for f in tmp.iterdir():
+            f.chmod(0o644)  # some writers create 0600 files
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -147,7 +170,7 @@ def resolve(spec: str) -> ModelSource:
         st = path.stat()
         key = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
         out = paths.cache_dir() / "models" / f"gguf-{path.stem}-{key}"
-        if not (out / "config.json").exists():
+        if not (out / MARKER_NAME).exists():
             convert_gguf(path, out)
         return ModelSource(spec, "gguf", str(out), "Weights dequantized from a GGUF file: if it was quantized, the baseline already carries that error.")
     if path.is_dir():

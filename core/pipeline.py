@@ -42,8 +42,8 @@ def _load(exp: Experiment, src, device: str):
     if first is not None and first.method == "bnb":
         from .quant.bnb import load_with_bnb
 
-        model = load_with_bnb(src, first, exp.dtype, device)
-        return model, models.load_model(src, "fp32", device)
+        reference = models.load_model(src, "fp32", device)  # also checks the architecture
+        return load_with_bnb(src.location, first, exp.dtype, device), reference
     base = models.load_model(src, "fp32", device)
     if not exp.steps and exp.dtype == "fp32":
         return base, None
@@ -67,7 +67,7 @@ def sample_generations(model, tokenizer, max_new_tokens: int) -> list[dict]:
 
 
 def run_experiment(exp: Experiment, progress=NOOP, artifact_dir: Path | None = None) -> dict:
-    from .quant.bnb import module_bytes
+    from .quant.memory_accounting import module_bytes
 
     t_start = time.perf_counter()
     timings = {}

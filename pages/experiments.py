@@ -6,8 +6,6 @@ from core.compare import runs_frame, share_query
 from core.store import Store
 
 store = st.session_state.get("store") or Store()
-STATUS = {"queued": "🕓 queued", "running": "⏳ running", "done": "✅ done", "failed": "❌ failed",
-          "cancelled": "⛔ cancelled"}
 
 st.title("Experiments")
 jobs.reconcile(store)
@@ -29,7 +27,7 @@ def runs_view():
     for r in active:
         with st.container(border=True):
             c1, c2, c3 = st.columns([3, 5, 1], vertical_alignment="center")
-            c1.markdown(f"**{r.label}**  \n{STATUS[r.status]} · run `{r.id}`")
+            c1.markdown(f"**{r.label}**  \n{r.status} · run `{r.id}`")
             frac = min(r.step / r.total, 1.0) if r.total else 0.0
             stage = f"{r.stage} ({r.step}/{r.total})" if r.total else (r.stage or "waiting for the worker")
             c2.progress(frac, text=stage)
@@ -37,7 +35,6 @@ def runs_view():
                       icon=":material/stop_circle:")
 
     df = runs_frame(runs)
-    df["status"] = df["status"].map(STATUS)
     df["progress"] = [1.0 if r.status == "done" else (r.step / r.total if r.total and not r.finished else None)
                       for r in runs]
     df["detail"] = [f"run?run={r.id}" for r in runs]
@@ -48,6 +45,7 @@ def runs_view():
                       "weight_mb", "decode_ms", "model", "id", "detail", "error"],
         column_config={
             "label": "Setting",
+            "status": "Status",
             "progress": st.column_config.ProgressColumn("Progress", min_value=0.0, max_value=1.0, format="percent"),
             "stage": "Stage",
             "created": st.column_config.DatetimeColumn("Created", format="YYYY-MM-DD HH:mm:ss"),
@@ -64,20 +62,20 @@ def runs_view():
     chosen = [runs[i] for i in event.selection.rows if i < len(runs)]
     done = [r for r in runs if r.status == "done"]
 
-    c1, c2, c3 = st.columns(3)
+    actions = st.container(horizontal=True)
     if chosen:
         ids = [r.id for r in chosen]
         label = f"Compare {len(ids)} selected"
     else:
         ids = [r.id for r in done]
         label = f"Compare all done runs ({len(ids)})"
-    if c1.button(label, key="compare", disabled=not ids, icon=":material/compare_arrows:"):
+    if actions.button(label, key="compare", disabled=not ids, icon=":material/compare_arrows:"):
         st.switch_page("pages/compare.py", query_params=share_query(ids))
-    if c2.button("Open selected", key="open", disabled=len(chosen) != 1, icon=":material/description:",
+    if actions.button("Open selected", key="open", disabled=len(chosen) != 1, icon=":material/description:",
                  help="Select one row to open its detail page."):
         st.switch_page("pages/run_detail.py", query_params={"run": chosen[0].id})
     deletable = [r for r in chosen if r.finished]
-    if c3.button(f"Delete {len(deletable)} selected", key="delete", disabled=not deletable,
+    if actions.button(f"Delete {len(deletable)} selected", key="delete", disabled=not deletable,
                  icon=":material/delete:", help="Finished runs only; cancel active ones first."):
         st.session_state["confirm_delete"] = [r.id for r in deletable]
     if pending := st.session_state.get("confirm_delete"):

@@ -4,12 +4,8 @@ import streamlit as st
 from core import jobs
 from core.assets import DEFAULT_MODEL_NOTE
 from core.errors import RecipeError, SlimError
-from core.models import BUILTIN_MODELS
-try:  # TEMP until core/quant/bnb.py lands
-    from core.quant.bnb import bnb_status
-except ImportError:
-    def bnb_status():
-        return {"available": False, "int8": False, "nf4": False, "fp4": False, "version": None, "detail": "core/quant/bnb.py not there yet"}
+from core.models import BUILTIN_MODELS, resolve_device
+from core.quant.bnb import bnb_status
 from core.recipe import DEFAULT_MODEL, parse_experiment
 from core.store import Store
 
@@ -34,9 +30,12 @@ PRESETS = [
 DEFAULT_PRESETS = {"baseline", "rtn8", "rtn4g64"}
 
 
-@st.cache_resource(show_spinner="Checking bitsandbytes…")
-def _bnb() -> dict:
-    return bnb_status()
+@st.cache_resource(show_spinner="Checking which bitsandbytes modes work here…")
+def _bnb(device: str) -> dict:
+    try:
+        return bnb_status(resolve_device(device))
+    except SlimError as e:  # e.g. cuda asked for but absent
+        return {"available": False, "int8": False, "nf4": False, "fp4": False, "version": "", "detail": str(e)}
 
 
 st.title("New experiment")
@@ -66,7 +65,7 @@ with left:
                           help="auto = a CUDA GPU when there is one, else the CPU.")
 
     st.subheader("Settings")
-    bnb = _bnb()
+    bnb = _bnb(device)
     selected = []  # (label shown in errors, steps, experiment name or None)
     for key, label, steps, bnb_mode, help_text in PRESETS:
         usable = bnb_mode is None or bool(bnb.get(bnb_mode))
@@ -113,11 +112,11 @@ with right:
         "steps and 3 timed repeats. Only runs measured with the same model, corpus, windows and "
         "window length have comparable accuracy."
     )
-    c1, c2 = st.columns(2)
-    corpus = c1.text_input("Corpus", value="brown", key="m_corpus",
+    corpus = st.text_input("Corpus", value="brown", key="m_corpus",
                            help="'brown' (built-in evaluation text) or the path of a UTF-8 text file.")
-    windows = c2.number_input("Evaluation windows", 1, 4096, 16, key="m_windows")
-    window_len = c1.number_input("Window length (tokens)", 8, 8192, 256, key="m_window_len")
+    c1, c2 = st.columns(2)
+    windows = c1.number_input("Evaluation windows", 1, 4096, 16, key="m_windows")
+    window_len = c2.number_input("Window length (tokens)", 8, 8192, 256, key="m_window_len")
     latency = st.toggle("Measure latency", value=True, key="m_latency")
     c1, c2 = st.columns(2)
     prompt_len = c1.number_input("Prompt length (tokens)", 1, 8192, 64, key="m_prompt_len", disabled=not latency)

@@ -5,7 +5,6 @@ phase (e.g. latency runs) can be measured on its own after the reference model i
 """
 from __future__ import annotations
 
-import os
 
 import psutil
 

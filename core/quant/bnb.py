@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import warnings
 
 import torch
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedError
-from .memory_accounting import module_bytes, tensor_bytes  # noqa: F401  (module_bytes re-exported)
+from .memory_accounting import bnb_state_tensors, module_bytes, tensor_bytes  # noqa: F401  (module_bytes re-exported)
 from .rtn import relative_error
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -27,50 +28,77 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _close(y: torch.Tensor, ref: torch.Tensor, rtol: float) -> bool:
-    return bool(torch.isfinite(y).all()) and float((y - ref).norm() / ref.norm()) < rtol
+class _DropCastNotice(logging.Filter):
+    # LLM.int8 casts activations to fp16 by design, and bnb logs that on every matmul call
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
+def _quiet_bnb() -> None:
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropCastNotice) for f in log.filters):
+        log.addFilter(_DropCastNotice())
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _probe(bnb, mode: str, in_features: int, device: str) -> str | None:
+    """Quantize a random Linear(in_features, 64) and run it in inference mode; None if right, else what's wrong."""
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(in_features, 64)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(64, in_features, generator=g) * 0.05)
+        lin.bias.copy_(torch.randn(64, generator=g) * 0.1)
+    x = torch.randn(4, in_features, generator=g).to(device)
+    if mode == "int8":
+        q = bnb.nn.Linear8bitLt(in_features, 64, has_fp16_weights=False, threshold=6.0)
+    else:
+        q = bnb.nn.Linear4bit(in_features, 64, compute_dtype=torch.float32, quant_type=mode)
+    q.load_state_dict(lin.state_dict())
+    q = q.to(device).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        w_hat = dequantize_bnb_weight(q).float()  # before forward: CPU 4-bit kernels may repack the weight
+        y = q(x)
+        lin = lin.to(device)
+        # right answers: int8 ~0.4% weight error, nf4 ~9%, fp4 ~12%; a wrong layout gives > 25%
+        if not torch.isfinite(y).all() or _rel(w_hat, lin.weight) > (0.02 if mode == "int8" else 0.2):
+            return "dequantized weights are wrong"
+        # 4-bit CPU kernels compute in ~bf16 precision, about 0.3% off F.linear with their own weights
+        if _rel(y, F.linear(x, w_hat, lin.bias)) > 0.03:
+            return "output differs from F.linear with its own weights"
+    return None
 
 
 @functools.lru_cache(maxsize=None)
 def bnb_status(device: str = "cpu") -> dict:
-    """Whether bitsandbytes imports and really computes each mode on `device`: a tiny layer's forward is
-    compared with the float result (int8) or with F.linear on its own dequantized weight (4-bit)."""
-    status = {"available": False, "int8": False, "nf4": False, "fp4": False, "version": "", "detail": ""}
+    """Whether bitsandbytes imports and really computes each mode on `device` (a tiny layer is quantized,
+    dequantized and run, and checked against the float layer). `4bit_unaligned`: 4-bit is also right when
+    in_features is not a multiple of the 64-value block (bnb 0.50's CPU kernel gets that wrong)."""
+    status = {"available": False, "int8": False, "nf4": False, "fp4": False, "4bit_unaligned": False,
+              "version": "", "detail": ""}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import bitsandbytes as bnb
-    except Exception as e:  # broken native library raises all sorts of errors
+    except Exception as e:  # a broken native library raises all sorts of errors
         status["detail"] = f"bitsandbytes does not import: {type(e).__name__}: {e}"
         return status
     status.update(available=True, version=getattr(bnb, "__version__", "?"))
-    g = torch.Generator().manual_seed(0)
-    lin = nn.Linear(128, 64, dtype=torch.float32)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(64, 128, generator=g) * 0.05)
-        lin.bias.copy_(torch.randn(64, generator=g) * 0.1)
-    x = torch.randn(4, 128, generator=g).to(device)
+    _quiet_bnb()
     problems = []
-    for mode in ("int8", "nf4", "fp4"):
+    for key, mode, in_features in [("int8", "int8", 128), ("nf4", "nf4", 128), ("fp4", "fp4", 128),
+                                   ("4bit_unaligned", "nf4", 96)]:
         try:
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                if mode == "int8":
-                    q = bnb.nn.Linear8bitLt(128, 64, has_fp16_weights=False, threshold=6.0)
-                else:
-                    q = bnb.nn.Linear4bit(128, 64, compute_dtype=torch.float32, quant_type=mode)
-                q.load_state_dict(lin.state_dict())
-                q = q.to(device).eval()
-                w_hat = dequantize_bnb_weight(q).float()  # before forward: 4-bit CPU kernels may repack
-                y, ref = q(x).float(), lin.to(device)(x)
-                ok = _close(y, ref, 0.05) if mode == "int8" else _close(y, F.linear(x, w_hat, lin.bias), 1e-3)
-                ok = ok and relative_error(lin.weight, w_hat) < (0.02 if mode == "int8" else 0.2)
-            status[mode] = ok
-            if not ok:
-                problems.append(f"{mode}: output differs from the float reference")
+            problem = _probe(bnb, mode, in_features, device)
         except Exception as e:
-            problems.append(f"{mode}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    status["detail"] = "; ".join(problems) or f"int8, nf4 and fp4 run on {device}"
+            problem = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        status[key] = problem is None
+        if problem:
+            problems.append(f"{mode} with in_features={in_features}: {problem}")
+    status["detail"] = "; ".join(problems) or f"int8, nf4 and fp4 run correctly on {device}"
     return status
 
 
@@ -94,10 +122,15 @@ def load_with_bnb(model_dir_or_id, step, dtype="fp32", device: str | None = None
     if not status[step.mode]:
         raise UnsupportedError(f"bitsandbytes {step.mode} cannot run on this machine's {torch.device(device).type}: "
                                f"{status['detail'] or 'unavailable'}")
-    # bnb's int8 matmul casts activations to fp16 and warns on every call
-    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     model = AutoModelForCausalLM.from_pretrained(str(model_dir_or_id), quantization_config=bnb_quantization_config(step),
                                                  device_map={"": device}, dtype=_as_dtype(dtype))
+    if step.mode != "int8" and not status["4bit_unaligned"]:
+        bad = [n for n, m in model.named_modules()
+               if _is_bnb_linear(m) and m.in_features % m.weight.quant_state.blocksize]
+        if bad:
+            raise UnsupportedError(
+                f"bitsandbytes {status['version']} {step.mode} gives wrong results on this {torch.device(device).type} "
+                f"for layers whose input size is not a multiple of 64, e.g. {bad[0]}; try int8 or RTN instead.")
     return model.eval()
 
 
@@ -105,23 +138,23 @@ def _is_bnb_linear(m: nn.Module) -> bool:
     return type(m).__module__.startswith("bitsandbytes") and isinstance(m, nn.Linear)
 
 
-def _bnb_state_tensors(m: nn.Module) -> list:
-    from .memory_accounting import _extra_tensors
-
-    return [m.weight, *_extra_tensors(m)]
-
-
 def dequantize_bnb_weight(m: nn.Module) -> torch.Tensor:
     """The float weight [out, in] a bitsandbytes Linear8bitLt / Linear4bit actually computes with."""
     import bitsandbytes.functional as bf
 
     w = m.weight
-    if w.dtype == torch.int8 or hasattr(m, "state") and hasattr(w, "SCB"):  # LLM.int8: row-wise absmax / 127
+    if w.dtype == torch.int8:  # LLM.int8: row-wise absmax / 127
         scb = w.SCB if getattr(w, "SCB", None) is not None else m.state.SCB
         return bf.int8_vectorwise_dequant(w.data, scb)
     qs = w.quant_state
-    if getattr(qs, "packing_format_for_cpu", False):  # repacked for the CPU gemm kernel: undo on a copy
-        data, qs = bf._convert_weight_packed_for_cpu_inverse(w.data.clone(), copy.deepcopy(qs))
+    if getattr(qs, "packing_format_for_cpu", False):
+        # Repacked by bnb's first CPU inference forward: codes reordered, absmax un-nested, transposed to
+        # [in/block, out] bf16. bnb's inverse leaves absmax transposed for non-nested states, so only take codes.
+        tmp = copy.copy(qs)
+        tmp.original_nested = False
+        data, _ = bf._convert_weight_packed_for_cpu_inverse(w.data, tmp)
+        qs = bf.QuantState(absmax=qs.absmax.T.reshape(-1).float(), shape=qs.shape, code=qs.code,
+                           blocksize=qs.blocksize, quant_type=qs.quant_type, dtype=torch.float32)
         return bf.dequantize_4bit(data, qs)
     return bf.dequantize_4bit(w.data, qs)
 
@@ -141,7 +174,7 @@ def bnb_layer_records(model: nn.Module, reference_model: nn.Module) -> list[dict
             "bits": 4 if four_bit else 8,
             "group_size": m.weight.quant_state.blocksize if four_bit else m.in_features,
             "rel_error": relative_error(ref, w_hat),
-            "bytes": tensor_bytes(_bnb_state_tensors(m)),
+            "bytes": tensor_bytes([m.weight, *bnb_state_tensors(m)]),
             "orig_bytes": ref.numel() * ref.element_size(),
         })
     return records

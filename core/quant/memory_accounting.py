@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 
-def _extra_tensors(module: nn.Module):
+def bnb_state_tensors(module: nn.Module):
     """bitsandbytes tensors hanging off a module's weight or state rather than registered on it."""
     weight = getattr(module, "weight", None)
     qs = getattr(weight, "quant_state", None)  # Params4bit
@@ -39,6 +39,6 @@ def module_bytes(model: nn.Module) -> int:
         yield from (p for _, p in model.named_parameters(remove_duplicate=False))
         yield from (b for _, b in model.named_buffers(remove_duplicate=False))
         for m in model.modules():
-            yield from _extra_tensors(m)
+            yield from bnb_state_tensors(m)
 
     return tensor_bytes(all_tensors())

@@ -50,7 +50,13 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     if bits == 8:
         return packed[..., :numel]
     *lead, _ = packed.shape
-    b = packed.to(torch.int64).reshape(*lead, -1, nb)
-    word = (b << (torch.arange(nb, device=b.device) * 8)).sum(-1, keepdim=True)
-    codes = (word >> (torch.arange(k, device=b.device) * bits)) & ((1 << bits) - 1)
+    mask = (1 << bits) - 1
+    if nb == 1:  # 1, 2, 4 bits: codes never straddle bytes, so shift uint8 directly (hot path)
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        codes = (packed.unsqueeze(-1) >> shifts) & mask
+        return codes.reshape(*lead, -1)[..., :numel]
+    wide = torch.int32 if nb * 8 <= 31 else torch.int64
+    b = packed.to(wide).reshape(*lead, -1, nb)
+    word = (b << (torch.arange(nb, device=b.device, dtype=wide) * 8)).sum(-1, keepdim=True, dtype=wide)
+    codes = (word >> (torch.arange(k, device=b.device, dtype=wide) * bits)) & mask
     return codes.reshape(*lead, -1)[..., :numel].to(torch.uint8)

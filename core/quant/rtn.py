@@ -99,9 +99,17 @@ def quantize_codes(
 def dequantize(
     codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int
 ) -> torch.Tensor:
-    """uint8 codes [out, in] -> float32 weights."""
+    """uint8 codes [out, in] -> float32 weights. Broadcasts per-group scales over a [out, G, group] view
+    (no per-element expansion), since this runs on every forward of a QuantLinear."""
+    out, n = codes.shape
+    pad = -n % group_size
     c = codes.float()
-    return (c - _zero_point(zeros, bits, group_size, c.shape[1])) * _expand(scales, group_size, c.shape[1])
+    if pad:
+        c = torch.nn.functional.pad(c, (0, pad))
+    c = c.view(out, -1, group_size)
+    zero = float(2 ** (bits - 1)) if zeros is None else zeros.float().unsqueeze(-1)
+    w = ((c - zero) * scales.float().unsqueeze(-1)).view(out, -1)
+    return w[:, :n] if pad else w
 
 
 def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True) -> QuantizedWeight:

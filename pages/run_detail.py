@@ -1,0 +1,143 @@
+"""Run detail (?run=ID): everything recorded for one run."""
+from datetime import datetime
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from core import jobs
+from core.store import Store
+
+store = st.session_state.get("store") or Store()
+BADGE = {"queued": ("gray", ":material/schedule:"), "running": ("blue", ":material/progress_activity:"),
+         "done": ("green", ":material/check_circle:"), "failed": ("red", ":material/error:"),
+         "cancelled": ("orange", ":material/cancel:")}
+
+jobs.reconcile(store)
+runs = store.list()
+if not runs:
+    st.title("Run detail")
+    st.info("No experiments yet.")
+    st.page_link("pages/new_experiment.py", label="Start one on the New experiment page", icon=":material/science:")
+    st.stop()
+
+by_id = {r.id: r for r in runs}
+wanted = st.query_params.get("run")
+if wanted and wanted not in by_id:
+    st.warning(f"No run `{wanted}` in this store (deleted?). Choose another one.")
+if wanted in by_id and st.session_state.get("_detail_from_url") != wanted:
+    st.session_state["detail_run"] = wanted  # the URL wins when it changes
+    st.session_state["_detail_from_url"] = wanted
+run_id = st.selectbox("Run", list(by_id), key="detail_run", width=520,
+                      format_func=lambda i: f"{by_id[i].label} · {i} · {by_id[i].status}")
+if st.query_params.get("run") != run_id:
+    st.query_params["run"] = run_id
+    st.session_state["_detail_from_url"] = run_id
+
+
+def _mb(v):
+    return "–" if v is None else f"{v / 1e6:.1f} MB"
+
+
+def _num(v, fmt):
+    return "–" if v is None else format(v, fmt)
+
+
+@st.fragment(run_every=2.0 if not by_id[run_id].finished else None)
+def detail(run_id: str):
+    run = store.get(run_id)
+    if run is None:
+        st.warning("This run was deleted.")
+        return
+    m = run.metrics or {}
+    st.title(run.label)
+    color, icon = BADGE.get(run.status, ("gray", None))
+    st.badge(run.status, color=color, icon=icon)
+    st.caption(f"run `{run.id}` · model `{run.experiment.model}` · "
+               f"created {datetime.fromtimestamp(run.created):%Y-%m-%d %H:%M:%S}")
+    if not run.finished:
+        frac = min(run.step / run.total, 1.0) if run.total else 0.0
+        st.progress(frac, text=f"{run.stage or 'waiting for the worker'} ({run.step}/{run.total})")
+        st.button("Cancel", key="detail_cancel", on_click=jobs.cancel, args=(run.id, store))
+    elif not by_id[run_id].finished:
+        st.rerun()  # finished while watching: full rerun shows everything and stops polling
+    if run.status == "failed":
+        st.error(run.error or "The run failed without an error message.", icon=":material/error:")
+    elif run.status == "cancelled":
+        st.warning(run.error or "Cancelled.")
+    for note in m.get("notes") or []:
+        st.info(note, icon=":material/info:")
+
+    acc, mem, lat = m.get("accuracy") or {}, m.get("memory") or {}, m.get("latency") or {}
+    if acc or mem or lat:
+        c = st.columns(6)
+        c[0].metric("Perplexity", _num(acc.get("perplexity"), ".3f"))
+        c[1].metric("KL vs baseline", _num(acc.get("kl_vs_baseline"), ".5f"), help="nats per token")
+        c[2].metric("Top-1 agreement", _num(acc.get("top1_agreement"), ".2%"))
+        c[3].metric("Weights", _mb(mem.get("weight_bytes")),
+                    help=f"baseline {_mb(mem.get('baseline_weight_bytes'))}")
+        c[4].metric("Compression", _num(mem.get("compression"), ".2f") + ("x" if mem.get("compression") else ""))
+        c[5].metric("Decode ms/token", _num((lat.get("decode_ms") or {}).get("median"), ".2f"),
+                    help="median per-token decode latency at batch 1")
+
+    tabs = st.tabs(["Accuracy & memory", "Layers", "Latency", "Samples", "Settings", "Environment"])
+    with tabs[0]:
+        if acc:
+            st.write(f"Evaluated on {acc.get('tokens')} tokens of corpus `{acc.get('corpus')}`: "
+                     f"{acc.get('windows')} windows × {acc.get('window_len')} tokens.")
+            st.dataframe(pd.DataFrame([acc]), hide_index=True)
+        if mem:
+            st.dataframe(pd.DataFrame([{k.replace("_bytes", "_mb"): v / 1e6 if k.endswith("_bytes") and v else v
+                                        for k, v in mem.items()}]), hide_index=True)
+        if model := m.get("model"):
+            with st.expander("Model"):
+                st.json(model)
+        if not (acc or mem):
+            st.info("No accuracy or memory measured (yet).")
+    with tabs[1]:
+        layers = pd.DataFrame(m.get("layers") or [])
+        if layers.empty:
+            st.info("No quantized layers (a baseline, or not measured yet).")
+        else:
+            layers["shape"] = layers["shape"].astype(str)
+            fig = px.bar(layers, x="name", y="rel_error", color="kind" if "kind" in layers else None,
+                         hover_data=[c for c in ("shape", "bits", "group_size", "bytes") if c in layers],
+                         labels={"name": "layer", "rel_error": "relative weight error ‖W−Ŵ‖/‖W‖"})
+            fig.update_layout(height=420, margin=dict(t=20), xaxis_tickangle=-60)
+            st.plotly_chart(fig, key="layers_chart")
+            st.dataframe(layers, hide_index=True)
+    with tabs[2]:
+        if not lat:
+            st.info("Latency was not measured.")
+        else:
+            st.write(f"On {lat.get('device')} in {lat.get('dtype')}, prompt of {lat.get('prompt_len')} tokens, "
+                     f"{lat.get('warmup')} warm-up + {lat.get('repeats')} timed repeats.")
+            st.dataframe(pd.DataFrame([
+                {"what": "prefill (whole prompt, ms)", **(lat.get("prefill_ms") or {})},
+                {"what": "decode, batch 1 (ms/token)", **(lat.get("decode_ms") or {})},
+            ]), hide_index=True)
+            if lat.get("throughput"):
+                st.dataframe(pd.DataFrame(lat["throughput"]), hide_index=True, column_config={
+                    "batch": "Batch", "tokens_per_s": st.column_config.NumberColumn("Tokens/s", format="%.1f"),
+                    "step_ms_median": st.column_config.NumberColumn("Step (ms, median)", format="%.2f")})
+    with tabs[3]:
+        samples = m.get("samples") or []
+        if not samples:
+            st.info("No sample generations.")
+        for s in samples:
+            st.markdown(f"**Prompt:** {s.get('prompt')}")
+            st.code(s.get("output", ""), language=None, wrap_lines=True)
+    with tabs[4]:
+        st.json(run.experiment.model_dump())
+        if t := m.get("timings"):
+            st.dataframe(pd.DataFrame([t]), hide_index=True)
+    with tabs[5]:
+        if env := m.get("env"):
+            st.dataframe(pd.DataFrame({"value": {k: str(v) for k, v in env.items()}}))
+        else:
+            st.info("No environment recorded.")
+        st.write("Artifacts folder (worker log and files of this run):")
+        st.code(str(store.artifacts / run.id), language=None)
+
+
+detail(run_id)

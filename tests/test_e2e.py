@@ -1,0 +1,160 @@
+"""End to end: a real Streamlit server, a real headless Chromium, real runs of the default model.
+
+New experiment (baseline + RTN int8, tiny measurement) -> Experiments until both are done ->
+Compare -> the share URL opened in a fresh browser context shows the same comparison.
+"""
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from core import jobs
+from core.assets import default_model_dir
+from core.store import Store
+
+pytestmark = [pytest.mark.e2e, pytest.mark.model]
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+SCREENSHOT = "/tmp/slimlm_compare.png"
+RUN_TIMEOUT_S = 300
+LABELS = ["baseline fp32", "RTN int8 per-channel sym"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("streamlit did not become healthy")
+
+
+@pytest.fixture
+def server(tmp_path):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} not found (install Debian's chromium)")
+    if not (default_model_dir() / "config.json").exists():
+        pytest.skip(f"default model not converted yet ({default_model_dir()}); run scripts/setup.sh")
+    pytest.importorskip("playwright.sync_api")
+    data = tmp_path / "data"
+    port = _free_port()
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+         "--server.port", str(port), "--browser.gatherUsageStats", "false",
+         "--server.fileWatcherType", "none"],  # no reruns when files change under the test
+        cwd=REPO, env=dict(os.environ, SLIMLM_DATA=str(data)), stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc)
+        yield url, data
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        if (data / "slimlm.sqlite").exists():  # don't leave workers behind when the test failed
+            store = Store(data / "slimlm.sqlite")
+            for run in store.list():
+                if not run.finished:
+                    jobs.cancel(run.id, store)
+
+
+def _set_number(page, label: str, value: int) -> None:
+    box = page.get_by_label(label, exact=True)
+    box.fill(str(value))
+    box.press("Enter")
+    page.wait_for_timeout(300)
+
+
+def test_submit_wait_compare_share(server):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, data = server
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 1600})
+            # The first page load probes bitsandbytes (imports torch): slow on a busy machine
+            page.set_default_timeout(90_000)
+            expect.set_options(timeout=90_000)
+
+            # New experiment: baseline + RTN int8 per-channel, tiny measurement. Start at "/" (it
+            # redirects to /new): a fresh server's first session opened on a non-default page shows a
+            # spurious "Page not found" dialog (streamlit/streamlit#9992).
+            page.goto(url)
+            expect(page).to_have_url(f"{url}/new")
+            expect(page.get_by_role("button", name="Run 3 experiments")).to_be_visible()
+            page.get_by_role("checkbox", name="RTN int4 g64", exact=True).uncheck(force=True)
+            expect(page.get_by_role("button", name="Run 2 experiments")).to_be_visible()
+            for label, value in [("Evaluation windows", 2), ("Window length (tokens)", 64),
+                                 ("Prompt length (tokens)", 8), ("Decode steps", 2), ("Warm-up repeats", 0),
+                                 ("Timed repeats", 1), ("Tokens per sample", 4)]:
+                _set_number(page, label, value)
+            page.get_by_role("button", name="Run 2 experiments").click()
+            expect(page.get_by_text("Submitted 2 experiments")).to_be_visible()
+            runs = Store(data / "slimlm.sqlite").list()
+            assert {r.label for r in runs} == set(LABELS)
+            assert all(r.experiment.measure.eval_windows == 2 and r.experiment.measure.window_len == 64 for r in runs)
+            ids = {r.id for r in runs}
+
+            # Experiments: the page polls by itself until both runs are done
+            page.get_by_role("link", name="Experiments: progress of all runs").click()
+            done = page.get_by_role("button", name="Compare all done runs (2)")
+            failed = page.get_by_text("Errors of failed runs")
+            deadline = time.time() + RUN_TIMEOUT_S
+            while not done.is_visible():
+                if failed.is_visible():
+                    errors = {r.label: r.error for r in Store(data / "slimlm.sqlite").list()}
+                    pytest.fail(f"a run failed: {errors}")
+                assert time.time() < deadline, "runs did not finish in time"
+                page.wait_for_timeout(1000)
+
+            # Compare both, then read the share URL
+            done.click()
+            expect(page.locator('[data-testid="stPlotlyChart"]')).to_have_count(2)
+            page.get_by_text("Share this comparison").click()
+            share = page.locator('[data-testid="stCode"]').first.inner_text().strip()
+            assert re.match(rf"^{re.escape(url)}/compare\?runs=", share), share
+            assert ids == set(re.search(r"runs=([^&]+)", share).group(1).split(","))
+            page.wait_for_timeout(1500)  # let plotly finish drawing before the screenshot
+            page.screenshot(path=SCREENSHOT, full_page=True)
+
+            # The share URL in a fresh context (no cookies, no session) reproduces the comparison
+            fresh = browser.new_context(viewport={"width": 1500, "height": 1600}).new_page()
+            fresh.set_default_timeout(60_000)
+            fresh.goto(share)
+            charts = fresh.locator('[data-testid="stPlotlyChart"]')
+            expect(charts).to_have_count(2)
+            for label in LABELS:
+                expect(fresh.locator('[data-testid="stMultiSelect"]').get_by_text(label).first).to_be_visible()
+                expect(charts.first.locator("text", has_text=label).first).to_be_attached()
+            assert set(re.search(r"runs=([^&]+)", fresh.url).group(1).replace("%2C", ",").split(",")) == ids
+        finally:
+            browser.close()

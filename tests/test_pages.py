@@ -1,0 +1,198 @@
+"""Every page through streamlit's AppTest, on a temporary store filled with hand-made runs.
+
+The pages run inside app.py's st.navigation (as in the real app), so links between pages resolve.
+"""
+import math
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from core import jobs
+from core.recipe import parse_experiment
+from core.store import Store
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+SHAPES = {"q_proj": [576, 576], "k_proj": [192, 576], "v_proj": [192, 576], "o_proj": [576, 576],
+          "gate_proj": [1536, 576], "up_proj": [1536, 576], "down_proj": [576, 1536]}
+BASE_BYTES = 538_060_800
+
+
+def make_metrics(ppl, weight_bytes, decode_ms, bits=None, group_size=None, kl=None, top1=None,
+                 window_len=256, seed=1):
+    """A metrics dict shaped like the engine's for SmolLM2-135M on CPU."""
+    layers = []
+    if bits:
+        for i in range(2):
+            for j, (proj, shape) in enumerate(SHAPES.items()):
+                n = shape[0] * shape[1]
+                layers.append({
+                    "name": f"model.layers.{i}.{'self_attn' if j < 4 else 'mlp'}.{proj}", "shape": shape,
+                    "bits": bits, "group_size": group_size, "kind": "attention" if j < 4 else "mlp",
+                    "rel_error": 2.0 ** -bits * (1 + 0.1 * ((i * 7 + j * seed) % 5)),
+                    "bytes": n * bits // 8 + 2 * n // (group_size or shape[1]), "orig_bytes": 4 * n,
+                })
+    return {
+        "accuracy": {"perplexity": ppl, "nll": math.log(ppl), "kl_vs_baseline": kl, "top1_agreement": top1,
+                     "tokens": 16 * (window_len - 1), "corpus": "brown", "window_len": window_len, "windows": 16},
+        "memory": {"weight_bytes": weight_bytes, "baseline_weight_bytes": BASE_BYTES,
+                   "compression": BASE_BYTES / weight_bytes, "param_count": 134_515_008,
+                   "peak_rss_bytes": 1_250_000_000, "peak_gpu_bytes": None},
+        "latency": {"device": "cpu", "dtype": "fp32", "prompt_len": 64,
+                    "prefill_ms": {"median": 9 * decode_ms, "p90": 10 * decode_ms},
+                    "decode_ms": {"median": decode_ms, "p90": 1.15 * decode_ms},
+                    "throughput": [{"batch": 1, "tokens_per_s": 1000 / decode_ms, "step_ms_median": decode_ms},
+                                   {"batch": 4, "tokens_per_s": 2800 / decode_ms, "step_ms_median": 1.43 * decode_ms}],
+                    "repeats": 3, "warmup": 1},
+        "layers": layers,
+        "samples": [
+            {"prompt": "What is the capital of France?", "output": f"The capital of France is Paris. ({ppl:.1f})"},
+            {"prompt": "Write a haiku about the sea.", "output": "Waves fold into foam,\nsalt wind carries gull voices"},
+        ],
+        "env": {"device": "cpu", "torch": "2.13.0", "transformers": "5.23.0", "bitsandbytes": "0.50.2",
+                "python": "3.11.2", "cpu": "Test CPU", "threads": 2},
+        "timings": {"load_s": 2.1, "compress_s": 0.8 if bits else 0.0, "accuracy_s": 20.5, "latency_s": 11.2,
+                    "total_s": 36.0},
+        "model": {"spec": "smollm2-135m", "name": "SmolLM2-135M-Instruct", "architecture": "LlamaForCausalLM",
+                  "params": 134_515_008, "source_note": "from a Q4_1 GGUF"},
+        "notes": ["The default model's weights come from a 4-bit GGUF."],
+    }
+
+
+def add_run(store, steps=(), status="done", metrics=None, error=None, **measure):
+    run_id = store.create_run(parse_experiment({"steps": list(steps), "measure": measure}))
+    store.update(run_id, status=status, metrics=metrics, error=error)
+    return run_id
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMLM_DATA", str(tmp_path))
+    return Store()
+
+
+@pytest.fixture
+def filled(store):
+    ids = {
+        "base": add_run(store, metrics=make_metrics(15.2, BASE_BYTES, 21.0)),
+        "int8": add_run(store, [{"method": "rtn", "bits": 8}], metrics=make_metrics(
+            15.25, 160_000_000, 23.0, bits=8, kl=0.002, top1=0.98)),
+        "int4": add_run(store, [{"method": "rtn", "bits": 4, "group_size": 64}], metrics=make_metrics(
+            16.9, 110_000_000, 26.0, bits=4, group_size=64, kl=0.09, top1=0.86, seed=3)),
+        "failed": add_run(store, [{"method": "rtn", "bits": 2, "group_size": 64}], status="failed",
+                          error="Out of memory while running this experiment."),
+    }
+    return ids
+
+
+@pytest.fixture
+def submitted(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jobs, "submit", lambda exp, store: calls.append(exp) or f"fake{len(calls):08d}")
+    return calls
+
+
+def app(page=None, **query):
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception
+    if page:
+        at.query_params.update(query)
+        at.switch_page(page).run()
+        assert not at.exception, at.exception
+    return at
+
+
+def texts(at, kind):
+    return " ".join(str(e.value) for e in getattr(at, kind))
+
+
+def test_new_experiment_submits_each_ticked_setting(store, submitted):
+    at = app()
+    assert at.title[0].value == "New experiment"
+    assert "4-bit" in texts(at, "info")  # DEFAULT_MODEL_NOTE
+    at.checkbox(key="preset_rtn2g64").check()
+    at.number_input(key="m_windows").set_value(2)
+    at.button(key="submit").click().run()
+    assert not at.exception and not at.error
+    assert [e.label() for e in submitted] == ["baseline fp32", "RTN int8 per-channel sym", "RTN int4 g64 sym",
+                                              "RTN int2 g64 sym"]
+    assert all(e.measure.eval_windows == 2 and e.model == "smollm2-135m" for e in submitted)
+    assert "Submitted 4 experiments" in texts(at, "success")
+
+
+def test_new_experiment_invalid_bits_shows_error_and_submits_nothing(store, submitted):
+    at = app()
+    at.checkbox(key="custom_on").check().run()
+    at.number_input(key="custom_bits").set_value(9)
+    at.button(key="submit").click().run()
+    assert not at.exception
+    assert "bits must be between 2 and 8" in texts(at, "error")
+    assert submitted == [] and "submitted" not in at.session_state
+
+
+def test_new_experiment_negative_group_size(store, submitted):
+    at = app()
+    for key in ("preset_baseline", "preset_rtn8", "preset_rtn4g64"):
+        at.checkbox(key=key).uncheck()
+    at.checkbox(key="custom_on").check().run()
+    at.number_input(key="custom_group").set_value(-8)
+    at.button(key="submit").click().run()
+    assert "group_size" in texts(at, "error") and submitted == []
+
+
+def test_experiments_lists_runs_and_shows_errors(filled):
+    at = app("pages/experiments.py")
+    table = at.dataframe[0].value
+    assert set(table["id"]) == set(filled.values())
+    assert "RTN int4 g64 sym" in set(table["label"])
+    assert "Out of memory while running this experiment." in texts(at, "error")
+
+
+def test_experiments_shows_active_run_with_cancel(store, filled):
+    running = add_run(store, [{"method": "rtn", "bits": 3, "group_size": 64}], status="running")
+    store.update(running, stage="accuracy", step=3, total=16, pid=None)
+    at = app("pages/experiments.py")
+    assert at.button(key=f"cancel_{running}")
+    assert any("accuracy (3/16)" in str(p.proto.text) for p in at.get("progress"))
+
+
+def test_compare_shows_selected_runs_from_query(filled):
+    ids = [filled["base"], filled["int4"]]
+    at = app("pages/compare.py", runs=",".join(ids), y="kl_vs_baseline", log="1")
+    assert at.multiselect(key="cmp_runs").value == ids
+    assert at.selectbox(key="cmp_y").value == "kl_vs_baseline" and at.checkbox(key="cmp_log").value
+    assert len(at.get("plotly_chart")) == 2
+    shown = at.dataframe[0].value["display"].tolist()
+    assert shown == ["baseline fp32", "RTN int4 g64 sym"]
+    assert f"runs={ids[0]},{ids[1]}" in texts(at, "code")  # share URL
+    assert not at.warning
+
+
+def test_compare_warns_about_different_protocols(store, filled):
+    other = add_run(store, metrics=make_metrics(14.1, BASE_BYTES, 21.0, window_len=512))
+    at = app("pages/compare.py", runs=f"{filled['base']},{other}")
+    assert "different protocols" in texts(at, "warning")
+
+
+def test_compare_unknown_and_unfinished_runs(filled):
+    at = app("pages/compare.py", runs=f"{filled['base']},{filled['failed']},doesnotexist")
+    assert at.multiselect(key="cmp_runs").value == [filled["base"], filled["failed"]]
+    assert "doesnotexist" in texts(at, "warning") and "failed" in texts(at, "warning")
+
+
+def test_run_detail_done(filled):
+    at = app("pages/run_detail.py", run=filled["int4"])
+    assert at.title[0].value == "RTN int4 g64 sym"
+    assert len(at.get("plotly_chart")) == 1  # per-layer error
+    assert str(Path(Store().artifacts) / filled["int4"]) in texts(at, "code")
+
+
+def test_run_detail_failed_shows_error(filled):
+    at = app("pages/run_detail.py", run=filled["failed"])
+    assert "Out of memory while running this experiment." in texts(at, "error")
+
+
+def test_pages_render_on_empty_store(store):
+    for page in ("pages/experiments.py", "pages/compare.py", "pages/run_detail.py"):
+        at = app(page)
+        assert "No experiments yet." in texts(at, "info")
