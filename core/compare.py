@@ -8,7 +8,7 @@ from datetime import datetime
 import numpy as np
 import pandas as pd
 
-MB = 1e6
+MIB = 2**20
 
 # Metrics offered on the comparison axes; all are "lower is better".
 Y_METRICS = {
@@ -17,8 +17,8 @@ Y_METRICS = {
     "nll": "NLL (nats/token)",
 }
 MEMORY_METRICS = {
-    "weight_mb": "Weight memory (MB)",
-    "peak_rss_mb": "Peak process RSS (MB)",
+    "weight_mib": "Weight memory (MiB)",
+    "peak_rss_mib": "Peak process RSS (MiB)",
 }
 LATENCY_METRICS = {
     "decode_ms": "Decode latency, batch 1 (ms/token, median)",
@@ -26,7 +26,7 @@ LATENCY_METRICS = {
     "prefill_ms": "Prefill latency (ms, median)",
 }
 # View options of the Compare page as they travel in a share URL, with their defaults.
-VIEW_DEFAULTS = {"y": "perplexity", "mem": "weight_mb", "lat": "decode_ms", "log": False}
+VIEW_DEFAULTS = {"y": "perplexity", "mem": "weight_mib", "lat": "decode_ms", "log": False}
 _VIEW_CHOICES = {"y": Y_METRICS, "mem": MEMORY_METRICS, "lat": LATENCY_METRICS}
 
 
@@ -39,8 +39,8 @@ def _get(d, *keys):
     return d
 
 
-def _mb(v):
-    return None if v is None else v / MB
+def _mib(v):
+    return None if v is None else v / MIB
 
 
 def protocol(run) -> dict:
@@ -86,12 +86,12 @@ def runs_frame(runs: Iterable) -> pd.DataFrame:
             "nll": acc.get("nll"),
             "kl_vs_baseline": acc.get("kl_vs_baseline"),
             "top1_agreement": acc.get("top1_agreement"),
-            "weight_mb": _mb(mem.get("weight_bytes")),
-            "baseline_weight_mb": _mb(mem.get("baseline_weight_bytes")),
+            "weight_mib": _mib(mem.get("weight_bytes")),
+            "baseline_weight_mib": _mib(mem.get("baseline_weight_bytes")),
             "compression": mem.get("compression"),
             "params": mem.get("param_count"),
-            "peak_rss_mb": _mb(mem.get("peak_rss_bytes")),
-            "peak_gpu_mb": _mb(mem.get("peak_gpu_bytes")),
+            "peak_rss_mib": _mib(mem.get("peak_rss_bytes")),
+            "peak_gpu_mib": _mib(mem.get("peak_gpu_bytes")),
             "prefill_ms": _get(lat, "prefill_ms", "median"),
             "prefill_ms_p90": _get(lat, "prefill_ms", "p90"),
             "decode_ms": _get(lat, "decode_ms", "median"),

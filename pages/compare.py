@@ -90,13 +90,15 @@ def scatter(x: str, xlabel: str):
     fig = go.Figure()
     fig.add_scatter(x=f[x], y=f[y], mode="lines", name="Pareto frontier",
                     line=dict(color="#e4572e", dash="dash", width=2), hoverinfo="skip")
+    lo, hi = d[x].min(), d[x].max()
     for on, name, symbol, color in ((True, "on the frontier", "star", "#e4572e"), (False, "dominated", "circle", "#6c8ebf")):
         p = d[front == on]
-        fig.add_scatter(x=p[x], y=p[y], mode="markers+text", name=name, text=p["display"],
-                        textposition="top center", marker=dict(symbol=symbol, size=14 if on else 10, color=color),
+        # labels point inwards so they stay inside the plot
+        where = ["top right" if v <= (lo + hi) / 2 else "top left" for v in p[x]]
+        fig.add_scatter(x=p[x], y=p[y], mode="markers+text", name=name, text=p["display"], textposition=where,
+                        marker=dict(symbol=symbol, size=14 if on else 10, color=color),
                         hovertemplate=f"%{{text}}<br>{xlabel}: %{{x:.4g}}<br>{Y_METRICS[y]}: %{{y:.4g}}<extra></extra>")
-    lo, hi = d[x].min(), d[x].max()
-    pad = 0.15 * ((hi - lo) or abs(hi) or 1.0)  # room for the text labels at the edges
+    pad = 0.08 * ((hi - lo) or abs(hi) or 1.0)
     fig.update_layout(xaxis_title=xlabel, yaxis_title=Y_METRICS[y], height=430, margin=dict(t=30, b=10),
                       legend=dict(orientation="h", y=-0.2), yaxis_type="log" if log_y else "linear",
                       xaxis_range=[lo - pad, hi + pad])
@@ -115,14 +117,14 @@ for col, x, labels, what in ((left, mem, MEMORY_METRICS, "memory"), (right, lat,
 
 st.subheader("Agreement with the baseline")
 st.dataframe(
-    df[["display", "perplexity", "kl_vs_baseline", "top1_agreement", "weight_mb", "compression", "decode_ms"]],
+    df[["display", "perplexity", "kl_vs_baseline", "top1_agreement", "weight_mib", "compression", "decode_ms"]],
     hide_index=True,
     column_config={
         "display": "Run",
         "perplexity": st.column_config.NumberColumn("Perplexity", format="%.3f"),
         "kl_vs_baseline": st.column_config.NumberColumn("KL vs baseline (nats/token)", format="%.5f"),
         "top1_agreement": st.column_config.NumberColumn("Top-1 agreement", format="percent"),
-        "weight_mb": st.column_config.NumberColumn("Weights (MB)", format="%.1f"),
+        "weight_mib": st.column_config.NumberColumn("Weights (MiB)", format="%.1f"),
         "compression": st.column_config.NumberColumn("Compression", format="%.2fx"),
         "decode_ms": st.column_config.NumberColumn("Decode (ms/token)", format="%.2f"),
     },

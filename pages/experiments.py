@@ -42,7 +42,7 @@ def runs_view():
     event = st.dataframe(
         df, key=table_key, on_select="rerun", selection_mode="multi-row", hide_index=True,
         column_order=["label", "status", "progress", "stage", "created", "perplexity", "kl_vs_baseline",
-                      "weight_mb", "decode_ms", "model", "id", "detail", "error"],
+                      "weight_mib", "decode_ms", "model", "id", "detail", "error"],
         column_config={
             "label": "Setting",
             "status": "Status",
@@ -51,7 +51,7 @@ def runs_view():
             "created": st.column_config.DatetimeColumn("Created", format="YYYY-MM-DD HH:mm:ss"),
             "perplexity": st.column_config.NumberColumn("Perplexity", format="%.3f"),
             "kl_vs_baseline": st.column_config.NumberColumn("KL vs baseline", format="%.4f"),
-            "weight_mb": st.column_config.NumberColumn("Weights (MB)", format="%.1f"),
+            "weight_mib": st.column_config.NumberColumn("Weights (MiB)", format="%.1f"),
             "decode_ms": st.column_config.NumberColumn("Decode (ms/token)", format="%.2f"),
             "model": "Model",
             "id": "Run id",

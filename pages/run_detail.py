@@ -35,8 +35,8 @@ if st.query_params.get("run") != run_id:
     st.session_state["_detail_from_url"] = run_id
 
 
-def _mb(v):
-    return "–" if v is None else f"{v / 1e6:.1f} MB"
+def _mib(v):
+    return "–" if v is None else f"{v / 2**20:.1f} MiB"
 
 
 def _num(v, fmt):
@@ -74,8 +74,8 @@ def detail(run_id: str):
         c[0].metric("Perplexity", _num(acc.get("perplexity"), ".3f"))
         c[1].metric("KL vs baseline", _num(acc.get("kl_vs_baseline"), ".5f"), help="nats per token")
         c[2].metric("Top-1 agreement", _num(acc.get("top1_agreement"), ".2%"))
-        c[3].metric("Weights", _mb(mem.get("weight_bytes")),
-                    help=f"baseline {_mb(mem.get('baseline_weight_bytes'))}")
+        c[3].metric("Weights", _mib(mem.get("weight_bytes")),
+                    help=f"baseline {_mib(mem.get('baseline_weight_bytes'))}")
         c[4].metric("Compression", _num(mem.get("compression"), ".2f") + ("x" if mem.get("compression") else ""))
         c[5].metric("Decode ms/token", _num((lat.get("decode_ms") or {}).get("median"), ".2f"),
                     help="median per-token decode latency at batch 1")
@@ -87,7 +87,7 @@ def detail(run_id: str):
                      f"{acc.get('windows')} windows × {acc.get('window_len')} tokens.")
             st.dataframe(pd.DataFrame([acc]), hide_index=True)
         if mem:
-            st.dataframe(pd.DataFrame([{k.replace("_bytes", "_mb"): v / 1e6 if k.endswith("_bytes") and v else v
+            st.dataframe(pd.DataFrame([{k.replace("_bytes", "_mib"): v / 2**20 if k.endswith("_bytes") and v else v
                                         for k, v in mem.items()}]), hide_index=True)
         if model := m.get("model"):
             with st.expander("Model"):

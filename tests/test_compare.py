@@ -55,7 +55,7 @@ def test_pareto_duplicates_and_empty():
 
 def test_share_round_trip():
     ids = ["abc123", "def456", "0a1b2c"]
-    view = {"y": "kl_vs_baseline", "mem": "peak_rss_mb", "lat": "prefill_ms", "log": True}
+    view = {"y": "kl_vs_baseline", "mem": "peak_rss_mib", "lat": "prefill_ms", "log": True}
     q = share_query(ids, **view)
     assert q["runs"] == "abc123,def456,0a1b2c" and q["log"] == "1"
     assert all(isinstance(v, str) for v in q.values())
@@ -80,7 +80,7 @@ def test_runs_frame_flattens_and_names_duplicates():
     assert list(df["id"]) == [r.id for r in runs]
     assert df.loc[0, "display"] == "baseline fp32"
     assert df.loc[1, "display"] == "RTN int4 g64 sym · bbbbbb" and df.loc[2, "display"] == "RTN int4 g64 sym · cccccc"
-    assert df.loc[1, "weight_mb"] == pytest.approx(160.0)
+    assert df.loc[1, "weight_mib"] == pytest.approx(160e6 / 2**20)
     assert df.loc[1, "kl_vs_baseline"] == pytest.approx(0.05)
     assert df.loc[0, "decode_ms"] == 20.0 and df.loc[0, "tokens_per_s_b4"] == pytest.approx(150.0)
     assert math.isnan(df.loc[2, "perplexity"]) and math.isnan(df.loc[0, "kl_vs_baseline"])

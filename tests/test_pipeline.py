@@ -1,0 +1,125 @@
+"""The whole engine on a tiny random model: pipeline, worker jobs, the CLI, and bad input."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from core import jobs
+from core.errors import DataError
+from core.paths import REPO_ROOT
+from core.pipeline import run_experiment
+from core.recipe import parse_experiment
+
+QUICK = {"eval_windows": 3, "window_len": 32, "prompt_len": 16, "decode_tokens": 3, "batch_sizes": [1, 2],
+         "warmup": 0, "repeats": 1, "sample_tokens": 4}
+
+
+def _exp(model, corpus, steps=(), **measure):
+    return parse_experiment({"model": str(model), "steps": list(steps), "measure": {**QUICK, "corpus": str(corpus), **measure}})
+
+
+def test_baseline_and_rtn_metrics(tiny_model_dir, corpus_file, tmp_path):
+    base = run_experiment(_exp(tiny_model_dir, corpus_file), artifact_dir=tmp_path)
+    assert (tmp_path / "metrics.json").exists()
+    assert base["accuracy"]["kl_vs_baseline"] is None and base["layers"] == []
+    assert base["memory"]["weight_bytes"] == base["memory"]["baseline_weight_bytes"]
+    assert base["latency"]["decode_ms"]["median"] > 0 and len(base["samples"]) == 3
+    # group 48 does not divide the width 64: handled, not refused
+    q = run_experiment(_exp(tiny_model_dir, corpus_file, [{"method": "rtn", "bits": 4, "group_size": 48}]))
+    assert q["accuracy"]["kl_vs_baseline"] > 0 and 0 < q["accuracy"]["top1_agreement"] <= 1
+    assert q["accuracy"]["tokens"] == base["accuracy"]["tokens"]  # same evaluation tokens
+    assert q["memory"]["weight_bytes"] < base["memory"]["weight_bytes"]
+    assert {layer["group_size"] for layer in q["layers"]} == {48}
+    assert all(0 < layer["rel_error"] < 0.2 for layer in q["layers"])
+
+
+def test_bf16_baseline_is_compared_with_fp32(tiny_model_dir, corpus_file):
+    m = run_experiment(parse_experiment({"model": str(tiny_model_dir), "dtype": "bf16",
+                                         "measure": {**QUICK, "corpus": str(corpus_file), "latency": False, "samples": False}}))
+    assert m["accuracy"]["kl_vs_baseline"] >= 0
+    assert m["memory"]["weight_bytes"] * 2 == pytest.approx(m["memory"]["baseline_weight_bytes"], rel=0.01)
+
+
+def test_empty_corpus_is_a_clear_error(tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(DataError, match="empty"):
+        run_experiment(_exp(tiny_model_dir, empty))
+
+
+def _wait(store, run_id, timeout=180):
+    t = time.time()
+    while time.time() - t < timeout:
+        run = store.get(run_id)
+        if run.finished:
+            return run
+        time.sleep(0.5)
+    raise AssertionError(f"run {run_id} did not finish: {store.get(run_id)}")
+
+
+def _wait_running(store, run_id, timeout=60):
+    t = time.time()
+    while time.time() - t < timeout:
+        run = store.get(run_id)
+        if run.status == "running" and run.stage:
+            return run
+        time.sleep(0.2)
+    raise AssertionError("worker never started")
+
+
+def test_worker_jobs_done_failed_killed_cancelled(store, tiny_model_dir, corpus_file):
+    ok = jobs.submit(_exp(tiny_model_dir, corpus_file, latency=False, samples=False), store)
+    bad = jobs.submit(_exp("/no/such/model", corpus_file), store)
+    assert _wait(store, ok).status == "done"
+    failed = _wait(store, bad)
+    assert failed.status == "failed" and "not found" in failed.error
+
+    # a job killed mid-run (as by the OOM killer) is reported, and earlier results stay intact
+    slow = dict(latency=True, repeats=1000, decode_tokens=200)
+    victim = jobs.submit(_exp(tiny_model_dir, corpus_file, **slow), store)
+    run = _wait_running(store, victim)
+    os.killpg(os.getpgid(run.pid), signal.SIGKILL)
+    time.sleep(1)
+    jobs.reconcile(store, grace_s=0)
+    dead = store.get(victim)
+    assert dead.status == "failed" and "ended without reporting" in dead.error
+    assert store.get(ok).status == "done" and store.get(ok).metrics["accuracy"]["perplexity"] > 0
+
+    to_cancel = jobs.submit(_exp(tiny_model_dir, corpus_file, **slow), store)
+    run = _wait_running(store, to_cancel)
+    assert jobs.cancel(to_cancel, store)
+    time.sleep(1)
+    assert store.get(to_cancel).status == "cancelled"
+    assert not jobs._worker_alive(run.pid, to_cancel)
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "core", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **(env or {})})
+
+
+def test_cli_run_list_show_and_errors(tiny_model_dir, corpus_file, tmp_path):
+    env = {"SLIMLM_DATA": str(tmp_path)}
+    common = ["--model", str(tiny_model_dir), "--corpus", str(corpus_file), "--eval-windows", "2", "--window-len", "32",
+              "--no-latency", "--no-samples"]
+    r = _cli("run", *common, "--step", "rtn:bits=8", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "perplexity" in r.stdout and "KL vs baseline" in r.stdout and "RTN int8 per-channel sym" in r.stdout
+    run_id = r.stdout.split()[1]
+    assert run_id in _cli("list", env=env).stdout
+    assert "perplexity" in _cli("show", run_id, env=env).stdout
+
+    r = _cli("run", *common, "--step", "rtn:bits=9", env=env)
+    assert r.returncode == 2 and "bits must be between 2 and 8, got 9" in r.stderr
+    r = _cli("run", *common, "--step", "rtn:group_size=-8", env=env)
+    assert r.returncode == 2 and "group_size must be a positive" in r.stderr
+    r = _cli("run", "--model", "/no/such/dir", "--no-latency", env=env)
+    assert r.returncode == 2 and "not found" in r.stderr
+    r = _cli("show", "nope", env=env)
+    assert r.returncode == 2 and "No run with id nope" in r.stderr
+    # the failed runs are recorded; the good one is intact
+    listing = _cli("list", env=env).stdout
+    assert "failed" in listing and "done" in listing
