@@ -76,14 +76,14 @@ class MeasureOptions(_Strict):
     (model, corpus, eval_windows, window_len), so perplexity/KL/top-1 are comparable."""
 
     corpus: str = Field("brown", description="'brown' (built-in evaluation split) or a path to a UTF-8 text file")
-    eval_windows: int = Field(32, ge=1, le=4096)
-    window_len: int = Field(512, ge=8, le=8192)
+    eval_windows: int = Field(16, ge=1, le=4096)
+    window_len: int = Field(256, ge=8, le=8192)
     latency: bool = True
     prompt_len: int = Field(128, ge=1, le=8192)
-    decode_tokens: int = Field(32, ge=2, le=1024)
+    decode_tokens: int = Field(16, ge=2, le=1024)
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 4, 16])
-    warmup: int = Field(2, ge=0, le=100)
-    repeats: int = Field(5, ge=1, le=1000)
+    warmup: int = Field(1, ge=0, le=100)
+    repeats: int = Field(3, ge=1, le=1000)
     samples: bool = True
     sample_tokens: int = Field(40, ge=1, le=512)
 

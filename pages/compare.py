@@ -20,11 +20,12 @@ if not runs:
     st.page_link("pages/new_experiment.py", label="Start one on the New experiment page", icon=":material/science:")
     st.stop()
 
-# (Re)load the widgets from the URL when it differs from what this page last wrote into it: first
-# visit, arrival from another page with ?runs=..., or a shared link. Without ?runs, keep the
-# previous selection of this session, else default to the done runs of the latest protocol.
+# (Re)load the widgets from the URL when it differs from what this page last wrote into it (a shared
+# link, arrival from another page with ?runs=...) or when streamlit dropped the widgets' state
+# (after visiting another page). Without ?runs, keep this session's previous selection, else
+# default to the done runs of the latest protocol.
 qp = st.query_params.to_dict()
-if qp != st.session_state.get("_cmp_written"):
+if qp != st.session_state.get("_cmp_written") or "cmp_runs" not in st.session_state:
     if "runs" not in qp and st.session_state.get("_cmp_written"):
         qp = st.session_state["_cmp_written"]
     ids, view = parse_share_query(qp)

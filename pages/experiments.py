@@ -47,7 +47,7 @@ def runs_view():
             "label": "Setting",
             "status": "Status",
             "progress": st.column_config.ProgressColumn("Progress", min_value=0.0, max_value=1.0, format="percent"),
-            "stage": "Stage",
+            "stage": st.column_config.TextColumn("Stage", width="medium"),
             "created": st.column_config.DatetimeColumn("Created", format="YYYY-MM-DD HH:mm:ss"),
             "perplexity": st.column_config.NumberColumn("Perplexity", format="%.3f"),
             "kl_vs_baseline": st.column_config.NumberColumn("KL vs baseline", format="%.4f"),

@@ -22,17 +22,20 @@ if not runs:
     st.stop()
 
 by_id = {r.id: r for r in runs}
+# The URL's ?run wins when it is not what this page last wrote (a link, a shared URL) or when
+# streamlit dropped the selectbox state (after visiting another page).
 wanted = st.query_params.get("run")
 if wanted and wanted not in by_id:
     st.warning(f"No run `{wanted}` in this store (deleted?). Choose another one.")
-if wanted in by_id and st.session_state.get("_detail_from_url") != wanted:
-    st.session_state["detail_run"] = wanted  # the URL wins when it changes
-    st.session_state["_detail_from_url"] = wanted
+last = st.session_state.get("_detail_written")
+target = wanted if wanted in by_id else last if last in by_id else None
+if target and (target != last or "detail_run" not in st.session_state):
+    st.session_state["detail_run"] = target
 run_id = st.selectbox("Run", list(by_id), key="detail_run", width=520,
                       format_func=lambda i: f"{by_id[i].label} · {i} · {by_id[i].status}")
-if st.query_params.get("run") != run_id:
+if wanted != run_id:
     st.query_params["run"] = run_id
-    st.session_state["_detail_from_url"] = run_id
+st.session_state["_detail_written"] = run_id
 
 
 def _mib(v):
