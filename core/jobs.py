@@ -6,12 +6,14 @@ store, and `reconcile` marks runs whose worker vanished (killed, out of memory) 
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 
 import psutil
 
@@ -88,14 +90,36 @@ class StoreProgress:
             self.echo(stage, step, total)
 
 
+@contextmanager
+def _one_at_a_time(store: Store, run_id: str):
+    """Runs take turns (an exclusive lock on a file beside the store), so concurrent runs do not
+    share the cores and distort each other's latency. The OS drops the lock if a worker dies."""
+    with open(store.path.parent / "run.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            store.update(run_id, stage="waiting for the running experiment to finish")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def execute(run_id: str, store: Store, echo=None) -> dict:
     """Run a stored experiment in this process; record result or error. Returns metrics."""
-    from .pipeline import run_experiment  # heavy imports (torch) only where work happens
-
     run = store.get(run_id)
     if run is None:
         raise SlimError(f"No run with id {run_id}")
-    store.update(run_id, status="running", pid=os.getpid())
+    store.update(run_id, pid=os.getpid())
+    with _one_at_a_time(store, run_id):
+        if store.get(run_id).finished:  # cancelled while waiting
+            return {}
+        return _execute(run, store, echo)
+
+
+def _execute(run, store: Store, echo) -> dict:
+    from .pipeline import run_experiment  # heavy imports (torch) only where work happens
+
+    run_id = run.id
+    store.update(run_id, status="running")
     try:
         metrics = run_experiment(run.experiment, StoreProgress(store, run_id, echo), store.artifact_dir(run_id))
     except MemoryError:

@@ -196,3 +196,30 @@ def test_pages_render_on_empty_store(store):
     for page in ("pages/experiments.py", "pages/compare.py", "pages/run_detail.py"):
         at = app(page)
         assert "No experiments yet." in texts(at, "info")
+
+
+def test_compare_keeps_url_in_sync_and_survives_page_switches(filled):
+    at = app("pages/compare.py", runs=f"{filled['base']},{filled['int8']}")
+    at.multiselect(key="cmp_runs").select(filled["int4"])
+    at.selectbox(key="cmp_lat").set_value("prefill_ms").run()
+    assert at.query_params["runs"] == f"{filled['base']},{filled['int8']},{filled['int4']}"
+    assert at.query_params["lat"] == "prefill_ms"
+    # leave through the menu (which drops the query string) and come back the same way
+    at.query_params.clear()
+    at.switch_page("pages/experiments.py").run()
+    at.query_params.clear()
+    at.switch_page("pages/compare.py").run()
+    assert at.multiselect(key="cmp_runs").value == [filled["base"], filled["int8"], filled["int4"]]
+    assert at.selectbox(key="cmp_lat").value == "prefill_ms"
+
+
+def test_run_detail_follows_url_and_selection(filled):
+    at = app("pages/run_detail.py", run=filled["int8"])
+    assert at.title[0].value == "RTN int8 per-channel sym"
+    at.selectbox(key="detail_run").set_value(filled["base"]).run()
+    assert at.title[0].value == "baseline fp32" and at.query_params["run"] == filled["base"]
+    at.query_params.clear()
+    at.switch_page("pages/experiments.py").run()
+    at.query_params["run"] = filled["base"]  # e.g. a link to the same run again
+    at.switch_page("pages/run_detail.py").run()
+    assert at.title[0].value == "baseline fp32"

@@ -123,3 +123,14 @@ def test_cli_run_list_show_and_errors(tiny_model_dir, corpus_file, tmp_path):
     # the failed runs are recorded; the good one is intact
     listing = _cli("list", env=env).stdout
     assert "failed" in listing and "done" in listing
+
+
+def test_runs_take_turns(store, tiny_model_dir, corpus_file):
+    first = jobs.submit(_exp(tiny_model_dir, corpus_file, latency=True, repeats=30, decode_tokens=50), store)
+    _wait_running(store, first)
+    second = jobs.submit(_exp(tiny_model_dir, corpus_file, latency=False, samples=False), store)
+    time.sleep(3)
+    waiting = store.get(second)
+    assert waiting.status == "queued" and "waiting" in waiting.stage
+    jobs.cancel(first, store)
+    assert _wait(store, second).status == "done"

@@ -1,7 +1,6 @@
 """Quantization math against plain float64 references, on random (never all-zero) weights."""
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -9,8 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.quant import (QuantLinear, fake_quantize, module_bytes, pack_bits, packed_size, quantize_model_rtn,
-                        quantize_rtn, relative_error, unpack_bits)
+from core.quant import (
+    QuantLinear,
+    fake_quantize,
+    module_bytes,
+    pack_bits,
+    packed_size,
+    quantize_model_rtn,
+    quantize_rtn,
+    relative_error,
+    unpack_bits,
+)
 from core.recipe import BnbStep, RTNStep
 
 

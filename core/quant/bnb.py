@@ -72,7 +72,7 @@ def _probe(bnb, mode: str, in_features: int, device: str) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bnb_status(device: str = "cpu") -> dict:
     """Whether bitsandbytes imports and really computes each mode on `device` (a tiny layer is quantized,
     dequantized and run, and checked against the float layer). `4bit_unaligned`: 4-bit is also right when
