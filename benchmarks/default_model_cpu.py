@@ -1,6 +1,7 @@
-"""Baseline and weight-quantization figures of the default model on this machine, one process,
-one setting after another (same evaluation windows, same latency protocol), with bitsandbytes as
-the peer: RTN int8 vs LLM.int8 and RTN int4 vs NF4 as ratios.
+"""Baseline and weight-quantization figures of the default model on this machine: one setting
+after another, each in a fresh `python -m core run` process (so peak memory is that run's alone),
+same evaluation windows and latency protocol, with bitsandbytes as the peer: RTN int8 vs
+LLM.int8 and RTN int4 vs NF4 as ratios.
 
   .venv/bin/python benchmarks/default_model_cpu.py [--quick]
 
@@ -11,24 +12,22 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from core.errors import SlimError  # noqa: E402
-from core.pipeline import run_experiment  # noqa: E402
-from core.recipe import parse_experiment  # noqa: E402
-
+ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {
     "baseline fp32": [],
-    "baseline bf16": "bf16",
-    "RTN int8 per-channel": [{"method": "rtn", "bits": 8}],
-    "RTN int4 g128 (ragged)": [{"method": "rtn", "bits": 4, "group_size": 128}],
-    "RTN int4 g64 asym": [{"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False}],
-    "RTN int3 g64": [{"method": "rtn", "bits": 3, "group_size": 64}],
-    "bnb LLM.int8": [{"method": "bnb", "mode": "int8"}],
-    "bnb NF4": [{"method": "bnb", "mode": "nf4"}],
+    "baseline bf16": ["--dtype", "bf16"],
+    "RTN int8 per-channel": ["--step", "rtn:bits=8"],
+    "RTN int4 g128 (ragged)": ["--step", "rtn:bits=4,group_size=128"],
+    "RTN int4 g64 asym": ["--step", "rtn:bits=4,group_size=64,symmetric=false"],
+    "RTN int3 g64": ["--step", "rtn:bits=3,group_size=64"],
+    "bnb LLM.int8": ["--step", "bnb:mode=int8"],
+    "bnb NF4": ["--step", "bnb:mode=nf4"],
 }
 PEERS = [("RTN int8 per-channel", "bnb LLM.int8"), ("RTN int4 g64 asym", "bnb NF4")]
 
@@ -50,20 +49,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="4 windows, 1 repeat: a smoke run")
     args = ap.parse_args()
-    measure = {"samples": False}
-    if args.quick:
-        measure |= {"eval_windows": 4, "repeats": 1, "warmup": 0, "batch_sizes": [1, 4]}
+    common = ["--no-samples", "--json"] + (["--eval-windows", "4", "--repeats", "1", "--batch-sizes", "1,4"] if args.quick else [])
     rows, env, protocol, errors = [], None, None, {}
-    for name, steps in SETTINGS.items():
-        dtype = steps if isinstance(steps, str) else "fp32"
-        exp = parse_experiment({"dtype": dtype, "steps": [] if isinstance(steps, str) else steps, "measure": measure})
+    store = tempfile.mkdtemp(prefix="slimlm-bench-")
+    for name, extra in SETTINGS.items():
         print(f"== {name}", flush=True)
-        try:
-            m = run_experiment(exp)
-        except SlimError as e:  # e.g. a bitsandbytes mode that does not run on this CPU
-            errors[name] = str(e)
-            print(f"   skipped: {e}", flush=True)
+        r = subprocess.run([sys.executable, "-m", "core", "run", *common, *extra], cwd=ROOT, capture_output=True,
+                           text=True, env={**os.environ, "SLIMLM_DATA": store})
+        if r.returncode != 0:  # e.g. a bitsandbytes mode that does not run on this CPU
+            errors[name] = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
+            print(f"   failed: {errors[name]}", flush=True)
             continue
+        m = json.loads(r.stdout)
         rows.append(row(name, m))
         env = m["env"]
         protocol = {k: m["accuracy"][k] for k in ("corpus", "windows", "window_len", "tokens")} | {
@@ -80,7 +77,7 @@ def main() -> None:
     ]
     out = {
         "date": datetime.date.today().isoformat(),
-        "command": "python benchmarks/default_model_cpu.py" + (" --quick" if args.quick else ""),
+        "command": ".venv/bin/python benchmarks/default_model_cpu.py" + (" --quick" if args.quick else ""),
         "model": "smollm2-135m (SmolLM2-135M-Instruct, dequantized from Q4_1 GGUF)",
         "env": env, "protocol": protocol, "rows": rows, "ratios_vs_peer": ratios, "errors": errors,
     }

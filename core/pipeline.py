@@ -10,7 +10,9 @@ import copy
 import gc
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -25,10 +27,21 @@ from .recipe import Experiment
 NOOP = lambda stage, step=0, total=0: None  # noqa: E731
 
 
-def _apply_rtn(model, step, progress):
+@dataclass
+class StepContext:
+    """What a step may need besides the model: calibrated steps draw windows with the tokenizer,
+    run on `device`, and append their calibration figures (time, peak memory) to `calibration`."""
+
+    tokenizer: object
+    device: str
+    progress: Callable
+    calibration: list = field(default_factory=list)
+
+
+def _apply_rtn(model, step, ctx: StepContext):
     from .quant.linear import quantize_model_rtn
 
-    return quantize_model_rtn(model, step, progress=progress)
+    return quantize_model_rtn(model, step, progress=ctx.progress)
 
 
 # Steps applied to an already-loaded model. (bitsandbytes quantizes while loading: see _load.)
@@ -87,6 +100,7 @@ def run_experiment(exp: Experiment, progress=NOOP, artifact_dir: Path | None = N
 
     t = time.perf_counter()
     layers: list[dict] = []
+    ctx = StepContext(tokenizer, device, progress)
     for i, step in enumerate(exp.steps):
         if step.method == "bnb":
             from .quant.bnb import bnb_layer_records
@@ -94,7 +108,7 @@ def run_experiment(exp: Experiment, progress=NOOP, artifact_dir: Path | None = N
             layers += bnb_layer_records(model, reference)
             continue
         progress(f"step {i + 1}/{len(exp.steps)}: {step.label()}", 0, 1)
-        layers += STEP_APPLIERS[step.method](model, step, progress)
+        layers += STEP_APPLIERS[step.method](model, step, ctx)
     timings["compress_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -132,7 +146,7 @@ def run_experiment(exp: Experiment, progress=NOOP, artifact_dir: Path | None = N
         notes.append("RTN layers run the reference path here (dequantize, then matmul): memory shrinks, decode does not get faster on CPU.")
     metrics = {
         "accuracy": accuracy, "memory": mem, "latency": latency, "layers": layers, "samples": samples,
-        "env": environment(device), "timings": timings, "model": info, "notes": notes,
+        "calibration": ctx.calibration, "env": environment(device), "timings": timings, "model": info, "notes": notes,
     }
     if artifact_dir is not None:
         (Path(artifact_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -19,10 +19,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class RTNStep(_Strict):
-    """Round-to-nearest weight-only quantization of every linear layer (except `skip`)."""
+class _WeightQuantStep(_Strict):
+    """Weight-only quantization settings shared by RTN and GPTQ (same packed storage)."""
 
-    method: Literal["rtn"] = "rtn"
     bits: int = 4
     group_size: int | None = Field(None, description="columns per scale; None = one scale per output channel")
     symmetric: bool = True
@@ -42,9 +41,41 @@ class RTNStep(_Strict):
             raise ValueError(f"group_size must be a positive number of columns (or empty for per-channel), got {v}")
         return v
 
-    def label(self) -> str:
+    def _format(self) -> str:
         g = f"g{self.group_size}" if self.group_size else "per-channel"
-        return f"RTN int{self.bits} {g} {'sym' if self.symmetric else 'asym'}"
+        return f"int{self.bits} {g} {'sym' if self.symmetric else 'asym'}"
+
+
+class RTNStep(_WeightQuantStep):
+    """Round-to-nearest weight-only quantization of every linear layer (except `skip`)."""
+
+    method: Literal["rtn"] = "rtn"
+
+    def label(self) -> str:
+        return f"RTN {self._format()}"
+
+
+class CalibrationOptions(_Strict):
+    """Token windows that calibrated methods observe (drawn from the calibration split)."""
+
+    corpus: str = Field("brown", description="'brown' (built-in calibration split) or a path to a UTF-8 text file")
+    windows: int = Field(32, ge=1, le=4096)
+    window_len: int = Field(256, ge=8, le=8192)
+    seed: int = Field(0, ge=0)
+
+
+class GPTQStep(_WeightQuantStep):
+    """GPTQ (Frantar et al. 2022): second-order weight quantization, layer by layer on calibration data."""
+
+    method: Literal["gptq"] = "gptq"
+    group_size: int | None = 128
+    act_order: bool = False
+    damp: float = Field(0.01, gt=0, le=1)
+    block_size: int = Field(128, ge=1, le=8192)
+    calibration: CalibrationOptions = Field(default_factory=CalibrationOptions)
+
+    def label(self) -> str:
+        return f"GPTQ {self._format()}{' act-order' if self.act_order else ''}"
 
 
 class BnbStep(_Strict):
@@ -67,8 +98,8 @@ class BnbStep(_Strict):
         return "bnb LLM.int8" if self.mode == "int8" else f"bnb {self.mode.upper()}{' +DQ' if self.double_quant else ''}"
 
 
-Step = Annotated[Union[RTNStep, BnbStep], Field(discriminator="method")]
-STEP_TYPES = {"rtn": RTNStep, "bnb": BnbStep}
+Step = Annotated[Union[RTNStep, GPTQStep, BnbStep], Field(discriminator="method")]
+STEP_TYPES = {"rtn": RTNStep, "gptq": GPTQStep, "bnb": BnbStep}
 
 
 class MeasureOptions(_Strict):
@@ -149,7 +180,8 @@ def parse_experiment(data: dict | str) -> Experiment:
 
 
 def parse_step(spec: str) -> dict:
-    """CLI step syntax: 'rtn:bits=4,group_size=64,symmetric=false' -> dict for a step."""
+    """CLI step syntax: 'rtn:bits=4,group_size=64,symmetric=false' -> dict for a step; a dotted key
+    sets a nested option ('gptq:bits=3,calibration.windows=64')."""
     method, _, rest = spec.partition(":")
     method = method.strip().lower()
     if method not in STEP_TYPES:
@@ -160,7 +192,12 @@ def parse_step(spec: str) -> dict:
         if not eq:
             raise RecipeError(f"Step option '{kv}' must look like key=value")
         try:
-            out[key.strip()] = json.loads(val)
+            value = json.loads(val)
         except json.JSONDecodeError:
-            out[key.strip()] = val.strip()
+            value = val.strip()
+        *parents, leaf = key.strip().split(".")
+        target = out
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = value
     return out

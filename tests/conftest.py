@@ -59,3 +59,16 @@ def default_model_ready() -> bool:
 
 def requires_default_model():
     return pytest.mark.skipif(not default_model_ready(), reason="default model not fetched; run scripts/setup.sh")
+
+
+def pytest_sessionstart(session):
+    """In CI (CI=true) .ci/run has installed everything: a missing asset must fail the run rather
+    than silently skip the integration and browser tests."""
+    if os.environ.get("CI"):
+        from core.assets import brown_dir
+
+        missing = [what for what, ok in (("default model", default_model_ready()),
+                                         ("Brown corpus", (brown_dir() / "cats.txt").exists()),
+                                         ("/usr/bin/chromium", Path("/usr/bin/chromium").exists())) if not ok]
+        if missing:
+            pytest.exit(f"CI: missing {', '.join(missing)} although .ci/run should have installed it", returncode=3)

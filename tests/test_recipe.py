@@ -35,6 +35,15 @@ def test_unknown_fields_and_methods_are_rejected():
         parse_experiment({"measure": {"batch_sizes": []}})
 
 
+def test_gptq_shares_the_weight_quant_checks():
+    with pytest.raises(RecipeError, match="bits must be between 2 and 8, got 1"):
+        parse_experiment({"steps": [{"method": "gptq", "bits": 1}]})
+    with pytest.raises(RecipeError, match="calibration.windows"):
+        parse_experiment({"steps": [{"method": "gptq", "calibration": {"windows": 0}}]})
+    exp = parse_experiment({"steps": [{"method": "gptq", "bits": 3, "group_size": 64, "act_order": True}]})
+    assert exp.label() == "GPTQ int3 g64 sym act-order"
+
+
 def test_bnb_must_come_first():
     with pytest.raises(RecipeError, match="must be the first step"):
         parse_experiment({"steps": [{"method": "rtn"}, {"method": "bnb", "mode": "nf4"}]})
@@ -45,6 +54,8 @@ def test_bnb_must_come_first():
 def test_cli_step_syntax():
     assert parse_step("rtn:bits=3,group_size=64,symmetric=false") == {"method": "rtn", "bits": 3, "group_size": 64, "symmetric": False}
     assert parse_step("bnb:mode=nf4") == {"method": "bnb", "mode": "nf4"}
+    assert parse_step("gptq:bits=3,calibration.windows=8,calibration.corpus=/tmp/x.txt") == {
+        "method": "gptq", "bits": 3, "calibration": {"windows": 8, "corpus": "/tmp/x.txt"}}
     with pytest.raises(RecipeError, match="Unknown step"):
         parse_step("gptqq:bits=4")
     with pytest.raises(RecipeError, match="key=value"):

@@ -93,21 +93,31 @@ def _untie(model: nn.Module, names: set[str]) -> None:
             text_config.tie_word_embeddings = False
 
 
-def replace_with_quantized(model: nn.Module, name: str, linear: nn.Linear, qweight: QuantizedWeight) -> dict:
-    """Swap `name` for a QuantLinear and return its record. Methods other than RTN reuse this."""
-    q = QuantLinear.from_linear(linear, qweight)
+def replace_linear(model: nn.Module, name: str, linear: nn.Linear, new: nn.Module, w_hat: torch.Tensor,
+                   bits: int, group_size: int | None, nbytes: int, **extra) -> dict:
+    """Swap `name` for `new` (any nn.Linear replacement) and return its per-layer record. `w_hat` is the weight
+    `new` effectively computes with; `nbytes` what its weight costs (bias, unchanged, excluded on both sides)."""
     w = linear.weight.detach()
     record = {
         "name": name,
-        "shape": [qweight.shape[0], qweight.shape[1]],
-        "bits": qweight.bits,
-        "group_size": qweight.group_size,
-        "rel_error": relative_error(w, qweight.dequantize(torch.float32)),
-        "bytes": qweight.nbytes,  # codes + scales + zeros (bias, unchanged, excluded on both sides)
+        "shape": [w.shape[0], w.shape[1]],
+        "bits": bits,
+        "group_size": group_size,
+        "rel_error": relative_error(w, w_hat),
+        "bytes": nbytes,
         "orig_bytes": w.numel() * w.element_size(),
+        **extra,
     }
-    _set_module(model, name, q)
+    _set_module(model, name, new)
     return record
+
+
+def replace_with_quantized(model: nn.Module, name: str, linear: nn.Linear, qweight: QuantizedWeight) -> dict:
+    """Swap `name` for a QuantLinear and return its record. Methods other than RTN reuse this."""
+    q = QuantLinear.from_linear(linear, qweight)
+    # qweight.nbytes: codes + scales + zeros
+    return replace_linear(model, name, linear, q, qweight.dequantize(torch.float32), qweight.bits,
+                          qweight.group_size, qweight.nbytes)
 
 
 def shared_weight_names(model: nn.Module, names: list[str]) -> set[str]:
@@ -118,21 +128,31 @@ def shared_weight_names(model: nn.Module, names: list[str]) -> set[str]:
     return {n for n in names if count.get(id(model.get_submodule(n).weight), 0) > 1}
 
 
-def quantize_model_rtn(model: nn.Module, step, progress: Progress | None = None) -> list[dict]:
-    """Replace each float nn.Linear not matched by step.skip with an RTN QuantLinear; returns per-layer records."""
-    layers = find_linears(model, step.skip)
+def convert_linears(model: nn.Module, skip, convert: Callable[[str, nn.Linear], dict], stage: str,
+                    progress: Progress | None = None) -> list[dict]:
+    """Call `convert(name, linear)` (which swaps the layer and returns its record) on every float nn.Linear not
+    matched by `skip`, reporting progress as `stage`; returns the records."""
+    layers = find_linears(model, skip)
     if not layers:
-        raise UnsupportedError(f"RTN found no floating-point linear layers to quantize (skip={step.skip}).")
+        raise UnsupportedError(f"{stage.upper()} found no floating-point linear layers to quantize (skip={skip}).")
     tied = shared_weight_names(model, [n for n, _ in layers])
     records = []
     for i, (name, linear) in enumerate(layers):
         if progress:
-            progress("rtn", i, len(layers))
+            progress(stage, i, len(layers))
         with torch.no_grad():
-            qw = quantize_rtn(linear.weight, step.bits, step.group_size, step.symmetric)
-        records.append(replace_with_quantized(model, name, linear, qw))
+            records.append(convert(name, linear))
     if progress:
-        progress("rtn", len(layers), len(layers))
+        progress(stage, len(layers), len(layers))
     if tied:
         _untie(model, tied)  # the other owner (e.g. the embedding) keeps its float weight
     return records
+
+
+def quantize_model_rtn(model: nn.Module, step, progress: Progress | None = None) -> list[dict]:
+    """Replace each float nn.Linear not matched by step.skip with an RTN QuantLinear; returns per-layer records."""
+    def convert(name: str, linear: nn.Linear) -> dict:
+        qw = quantize_rtn(linear.weight, step.bits, step.group_size, step.symmetric)
+        return replace_with_quantized(model, name, linear, qw)
+
+    return convert_linears(model, step.skip, convert, "rtn", progress)

@@ -1,0 +1,199 @@
+"""GPTQ (Frantar et al. 2022; follows IST-DASLab/gptq `fasterquant`).
+
+Columns are quantized one at a time; each column's rounding error is spread onto the columns not yet
+quantized through the upper Cholesky factor of H^-1, where H = 2/n X^T X of the layer's calibration inputs,
+so the layer's outputs (not its weights) stay close. The result is the plain group-wise format of
+core.quant.rtn (QuantizedWeight), so QuantLinear and memory accounting are the same as RTN's.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedError
+from .linear import Progress, find_linears, replace_with_quantized, shared_weight_names, _untie
+from .packing import pack_bits
+from .rtn import QuantizedWeight, compute_qparams, dequantize, effective_group_size, quantize_codes, quantize_rtn
+
+DAMP_TRIES = 5  # damp, 10x, 100x, ... before giving up on a Hessian
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, float]:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp 10x per failed try."""
+    mean = H.diagonal().mean()
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for k in range(DAMP_TRIES):
+        d = damp * 10**k
+        L, bad = torch.linalg.cholesky_ex(H + (d * mean) * eye)
+        if bad.item() == 0:
+            U, bad = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if bad.item() == 0 and torch.isfinite(U).all():
+                return U, d
+    return None, d
+
+
+def _output_error(weight: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """||X (W - W_hat)^T|| / ||X W^T|| on the calibration inputs, from H alone."""
+    d = weight - w_hat
+    num, den = ((d @ H) * d).sum(), ((weight @ H) * weight).sum()
+    return math.sqrt(max(num.item(), 0.0) / den.item()) if den.item() > 0 else float("nan")
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None = None,
+                  symmetric: bool = True, damp: float = 0.01, block_size: int = 128, act_order: bool = False,
+                  static_groups: bool = False) -> tuple[QuantizedWeight, dict]:
+    """Quantize weight [out, in] given the Hessian [in, in] of its inputs.
+
+    info: damp (the relative damping finally used, None on RTN fallback), warning (str or None),
+    out_rel_error / rtn_out_rel_error (relative output error on the calibration inputs, GPTQ vs RTN).
+    Group parameters are computed up front on the un-permuted weight ("static groups") whenever
+    act_order is on (or static_groups, or per-channel), otherwise when each group's first column is reached.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be between 2 and 8, got {bits}")
+    W0 = weight.detach().float()
+    out_f, n = W0.shape
+    H0 = hessian.detach().to(device=W0.device, dtype=torch.float32)
+    gs = effective_group_size(n, group_size)
+    rtn = quantize_rtn(W0, bits, gs, symmetric)
+    info = {"damp": None, "warning": None, "out_rel_error": None,
+            "rtn_out_rel_error": None}
+    if not torch.isfinite(H0).all() or not (H0.diagonal() > 0).any():
+        info["warning"] = "no calibration signal reached this layer (Hessian all zero): fell back to RTN"
+        return rtn, info
+
+    H, W = H0.clone(), W0.clone()
+    dead = H.diagonal() == 0
+    # The reference zeroes dead columns; keeping them (rounded like RTN, spreading no error: their row of H
+    # is decoupled) is as good on the calibration data and stays right for inputs it never saw.
+    H[dead, dead] = 1
+    static = act_order or static_groups or gs == n
+    n_groups = -(-n // gs)
+    if static:
+        scales, zeros = compute_qparams(W, bits, gs, symmetric)
+    else:
+        scales = torch.empty(out_f, n_groups, dtype=torch.float16, device=W.device)
+        zeros = None if symmetric else torch.empty(out_f, n_groups, dtype=torch.uint8, device=W.device)
+    perm = torch.argsort(H.diagonal(), descending=True) if act_order else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    group_of = (perm if perm is not None else torch.arange(n, device=W.device)).div(gs, rounding_mode="floor").tolist()
+
+    Hinv, used = _inverse_cholesky(H, damp)
+    del H
+    if Hinv is None:
+        info["warning"] = f"Hessian not positive definite even with damp={used:g}: fell back to RTN"
+        return rtn, info
+    info["damp"] = used
+    if used != damp:
+        info["warning"] = f"Hessian not positive definite with damp={damp:g}: raised damping to {used:g}"
+
+    codes = torch.empty(out_f, n, dtype=torch.uint8, device=W.device)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.empty_like(W1)
+        for i in range(i2 - i1):
+            col, g = i1 + i, group_of[i1 + i]
+            if not static and col % gs == 0:
+                # from the current (error-updated) values, also when a group starts mid-block
+                cur = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
+                s, z = compute_qparams(cur, bits, cur.shape[1], symmetric)
+                scales[:, g:g + 1] = s
+                if zeros is not None:
+                    zeros[:, g:g + 1] = z
+            s, z = scales[:, g:g + 1], None if zeros is None else zeros[:, g:g + 1]
+            w = W1[:, i:i + 1]
+            q = quantize_codes(w, s, z, bits, 1)
+            codes[:, col] = q[:, 0]
+            err = (w - dequantize(q, s, z, bits, 1)) / Hinv1[i, i]
+            W1[:, i:] -= err * Hinv1[i:i + 1, i:]
+            Err1[:, i:i + 1] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    qw = QuantizedWeight(pack_bits(codes, bits), (out_f, n), bits, gs, symmetric, scales, zeros)
+    info["out_rel_error"] = _output_error(W0, qw.dequantize(), H0)
+    info["rtn_out_rel_error"] = _output_error(W0, rtn.dequantize(), H0)
+    return qw, info
+
+
+class GPTQObserver:
+    """core.calibrate method: H = 2/n X^T X (float32, running mean over tokens) per linear, then gptq_quantize."""
+
+    name = "gptq"
+
+    def __init__(self, model: nn.Module, step):
+        self.model, self.step = model, step
+        self.skip = list(step.skip)
+        self.H: dict[str, torch.Tensor] = {}
+        self.count: dict[str, int] = {}
+
+    def observe(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        n, m = self.count.get(name, 0), x.shape[0]
+        if m == 0:
+            return
+        H = self.H.get(name)
+        if H is None:
+            H = self.H[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+        H.mul_(n / (n + m)).addmm_(x.t(), x, alpha=2.0 / (n + m))
+        self.count[name] = n + m
+
+    def nbytes(self) -> int:
+        return sum(h.numel() * h.element_size() for h in self.H.values())
+
+    def apply(self, ctx) -> list[dict]:
+        from ..calibrate import as_linear
+
+        s = self.step
+        records = []
+        for name, module in ctx.linears.items():
+            linear = as_linear(module)
+            H = self.H.pop(name, None)
+            self.count.pop(name, None)
+            with torch.no_grad():
+                if H is None:
+                    qw = quantize_rtn(linear.weight, s.bits, s.group_size, s.symmetric)
+                    info = {"damp": None, "warning": "no calibration tokens reached this layer: fell back to RTN"}
+                else:
+                    qw, info = gptq_quantize(linear.weight, H, s.bits, s.group_size, s.symmetric,
+                                             damp=getattr(s, "damp", 0.01), block_size=getattr(s, "block_size", 128),
+                                             act_order=getattr(s, "act_order", False),
+                                             static_groups=getattr(s, "static_groups", False))
+            del H
+            rec = replace_with_quantized(ctx.model, name, linear, qw)
+            rec.update(method="gptq", **info)
+            records.append(rec)
+        return records
+
+
+def quantize_model_gptq(model: nn.Module, step, windows: torch.Tensor, device="cpu",
+                        progress: Progress | None = None) -> list[dict]:
+    """GPTQ every float linear of the decoder layers not matched by step.skip, calibrated on `windows`
+    ([n, window_len] token ids). Float nn.Linear layers outside the decoder layers (not skipped) get RTN, with a
+    warning in their record. Returns a core.calibrate.CalibrationRecords: a list of per-layer records whose
+    `.stats` holds the calibration pass's seconds and peak memory."""
+    from ..calibrate import CalibrationRecords, calibration_targets, find_decoder_layers, run_calibrated
+
+    prefix, layers = find_decoder_layers(model)
+    inside = [n for i, layer in enumerate(layers) for n in calibration_targets(layer, f"{prefix}.{i}", step.skip)]
+    outside = [(n, m) for n, m in find_linears(model, step.skip) if not n.startswith(prefix + ".")]
+    if not inside and not outside:
+        raise UnsupportedError(f"GPTQ found no floating-point linear layers to quantize (skip={step.skip}).")
+    tied = shared_weight_names(model, inside + [n for n, _ in outside])
+    records, stats = run_calibrated(model, windows, GPTQObserver(model, step), device, progress)
+    for name, linear in outside:
+        with torch.no_grad():
+            qw = quantize_rtn(linear.weight, step.bits, step.group_size, step.symmetric)
+        rec = replace_with_quantized(model, name, linear, qw)
+        rec.update(method="rtn", warning="outside the decoder layers (no calibrated inputs): quantized with RTN")
+        records.append(rec)
+    if tied:
+        _untie(model, tied)
+    return CalibrationRecords(records, stats)

@@ -1,0 +1,350 @@
+"""W8A8: 8-bit weights x 8-bit activations (int8, or FP8 e4m3), with SmoothQuant.
+
+Weights: symmetric, one float32 scale per output channel. Activations: symmetric, one scale per token,
+computed on every forward (dynamic). int8: codes in [-127, 127], scale = absmax / 127, and
+y = (x_q @ w_q^T)[int32] * x_scale * w_scale. FP8 (float8_e4m3fn): scale = absmax / 448, same layout.
+
+Fast paths: torch._int_mm (CPU through oneDNN; CUDA through cuBLAS, which needs M > 16 and K, N multiples
+of 8) and torch._scaled_mm (CUDA, compute capability >= 8.9, K and N multiples of 16). Each is probed
+once per device against the reference path and used only where it agrees; otherwise, and for shapes a
+kernel refuses, the reference path runs.
+
+SmoothQuant (Xiao et al., 2023): for each input channel j of linears that read the same activation X,
+s_j = max|X_j|^alpha / max|W_:j|^(1-alpha); X / s feeds W * s, the same product, but activation outlier
+channels move into the weights, which are quantized per output channel and absorb them far better.
+X / s is folded into whatever produces X: a norm's weight (and bias), or the rows of a preceding linear.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UnsupportedError
+from .linear import Progress, convert_linears, find_linears, replace_linear, shared_weight_names
+
+INT8_MAX = 127
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+SCHEMES = ("int8", "fp8")
+
+
+# --- quantization (pure functions) ---------------------------------------------------------------
+
+def _absmax_scale(t: torch.Tensor, qmax: float) -> torch.Tensor:
+    """float32 scale per row (last dim reduced, kept); an all-zero row gets scale 1."""
+    s = t.abs().amax(dim=-1, keepdim=True).float() / qmax
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def quantize_per_channel_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (int8 codes [out, in], float32 scale [out])."""
+    q, s = quantize_per_token_int8(w.detach())
+    return q, s.squeeze(1)
+
+
+def quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [tokens, in] -> (int8 codes, float32 scale [tokens, 1])."""
+    x = x.float()
+    s = _absmax_scale(x, INT8_MAX)
+    return torch.round(x / s).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), s
+
+
+def quantize_per_channel_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (float8_e4m3fn [out, in], float32 scale [out])."""
+    q, s = quantize_per_token_fp8(w.detach())
+    return q, s.squeeze(1)
+
+
+def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [tokens, in] -> (float8_e4m3fn codes, float32 scale [tokens, 1])."""
+    x = x.float()
+    s = _absmax_scale(x, FP8_MAX)
+    return (x / s).clamp_(-FP8_MAX, FP8_MAX).to(FP8), s
+
+
+# --- matmuls: reference and fast paths -----------------------------------------------------------
+
+def int8_matmul_reference(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """int8 a [M, K] @ int8 w [N, K]^T -> int32 [M, N]. In float64 every partial sum is an integer below
+    K * 127**2 < 2**53, so the result is exact whatever the summation order."""
+    return (a.double() @ w.double().t()).to(torch.int32)
+
+
+def fp8_matmul_reference(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """Dequantize fp8 a [M, K] (scale [M, 1]) and w [N, K] (scale [N]) to float32 and multiply -> float32 [M, N]."""
+    return (a.float() * a_scale) @ (w.float() * w_scale[:, None]).t()
+
+
+def _int_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    m = a.shape[0]
+    if a.device.type == "cuda" and m <= 16:  # cuBLAS int8 GEMM needs M > 16: pad with zero rows
+        a = F.pad(a, (0, 0, 0, 17 - m))
+    return torch._int_mm(a, w.t())[:m]  # w.t(): a column-major view, the layout cuBLAS wants
+
+
+def _scaled_mm(a, a_scale, w, w_scale, out_dtype) -> torch.Tensor:
+    return torch._scaled_mm(a, w.t(), scale_a=a_scale, scale_b=w_scale[None, :], out_dtype=out_dtype).float()
+
+
+def _probe_operands(device, kind: str):
+    g = torch.Generator().manual_seed(0)
+    a, w = torch.randn(32, 64, generator=g), torch.randn(48, 64, generator=g)
+    a[0], w[:, 0] = 10.0, -10.0  # extremes: catch kernels that saturate intermediate sums
+    quant = quantize_per_token_int8 if kind == "int8" else quantize_per_token_fp8
+    (aq, a_s), (wq, w_s) = quant(a.to(device)), quant(w.to(device))
+    return aq, a_s, wq, w_s.squeeze(1)
+
+
+@functools.cache
+def int_mm_ok(device: str) -> bool:
+    """Whether torch._int_mm runs on this device and matches the reference exactly."""
+    try:
+        aq, _, wq, _ = _probe_operands(device, "int8")
+        return bool(torch.equal(_int_mm(aq, wq), int8_matmul_reference(aq, wq)))
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+@functools.cache
+def scaled_mm_dtype(device: str) -> torch.dtype | None:
+    """The output dtype with which torch._scaled_mm (row-wise scales) runs right on this device, or None."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or torch.cuda.get_device_capability(dev) < (8, 9):
+        return None
+    aq, a_s, wq, w_s = _probe_operands(dev, "fp8")
+    ref = fp8_matmul_reference(aq, a_s, wq, w_s)
+    for dtype in (torch.float32, torch.bfloat16):  # some builds allow only bf16 out with row-wise scales
+        try:
+            y = _scaled_mm(aq, a_s, wq, w_s, dtype)
+        except (RuntimeError, NotImplementedError):
+            continue
+        if float((y - ref).norm() / ref.norm()) < 1e-2:
+            return dtype
+    return None
+
+
+def int8_matmul(a: torch.Tensor, w: torch.Tensor, fast: bool = True) -> torch.Tensor:
+    """int8 a [M, K] @ int8 w [N, K]^T -> int32 [M, N], with torch._int_mm where it works, else the reference."""
+    k, n = a.shape[1], w.shape[0]
+    if fast and int_mm_ok(str(a.device)) and (a.device.type != "cuda" or (k % 8 == 0 and n % 8 == 0)):
+        return _int_mm(a, w)
+    return int8_matmul_reference(a, w)
+
+
+def fp8_matmul(a, a_scale, w, w_scale, fast: bool = True) -> torch.Tensor:
+    """Scaled fp8 a [M, K] @ fp8 w [N, K]^T -> float32 [M, N], with torch._scaled_mm where it works."""
+    dtype = scaled_mm_dtype(str(a.device)) if fast and a.device.type == "cuda" else None
+    if dtype is not None and a.shape[1] % 16 == 0 and w.shape[0] % 16 == 0:
+        return _scaled_mm(a, a_scale, w, w_scale, dtype)
+    return fp8_matmul_reference(a, a_scale, w, w_scale)
+
+
+# --- modules ---------------------------------------------------------------------------------------
+
+class W8A8Linear(nn.Module):
+    """nn.Linear replacement: int8 weight (per output channel) x int8 activations (per token, dynamic).
+    Buffers `qweight` [out, in] and float32 `weight_scale` [out]; optional float `bias` parameter."""
+
+    scheme, codes_dtype = "int8", torch.int8
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.fast = True  # False forces the reference matmul (tests, timing)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=self.codes_dtype, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+
+    @staticmethod
+    def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_per_channel_int8(w)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "W8A8Linear":
+        m = cls(linear.in_features, linear.out_features, bias=False, device="meta")
+        m.qweight, m.weight_scale = cls.quantize_weight(linear.weight)
+        if linear.bias is not None:
+            m.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return m
+
+    def dequantize_weight(self) -> torch.Tensor:
+        return self.qweight.float() * self.weight_scale[:, None]
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.qweight.numel() * self.qweight.element_size() + self.weight_scale.numel() * 4
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        xq, xs = quantize_per_token_int8(x)
+        return int8_matmul(xq, self.qweight, self.fast).float() * xs * self.weight_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._matmul(x.reshape(-1, self.in_features))
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn, recurse=True):
+        # model.half()/.to(bf16) would cast fp8 codes (a float dtype) and the float32 scales: follow device moves only
+        qweight, scale = self.qweight, self.weight_scale
+        super()._apply(fn, recurse)
+        self.qweight, self.weight_scale = qweight.to(self.qweight.device), scale.to(self.weight_scale.device)
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme} W8A8, "
+                f"bias={self.bias is not None}")
+
+
+class FP8Linear(W8A8Linear):
+    """nn.Linear replacement: float8_e4m3fn weight (per output channel) x fp8 activations (per token, dynamic)."""
+
+    scheme, codes_dtype = "fp8", FP8
+
+    @staticmethod
+    def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_per_channel_fp8(w)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        xq, xs = quantize_per_token_fp8(x)
+        return fp8_matmul(xq, xs, self.qweight, self.weight_scale, self.fast)
+
+
+def quantize_model_w8a8(model: nn.Module, scheme: str = "int8", skip=("lm_head",),
+                        progress: Progress | None = None) -> list[dict]:
+    """Replace each float nn.Linear not matched by `skip` with a W8A8Linear (int8) or FP8Linear (fp8);
+    returns per-layer records (bytes: codes + float32 scales)."""
+    if scheme not in SCHEMES:
+        raise UnsupportedError(f"W8A8 scheme must be one of {', '.join(SCHEMES)}, got '{scheme}'.")
+    cls = W8A8Linear if scheme == "int8" else FP8Linear
+
+    def convert(name: str, linear: nn.Linear) -> dict:
+        q = cls.from_linear(linear)
+        return replace_linear(model, name, linear, q, q.dequantize_weight(), 8, None, q.weight_bytes, scheme=scheme)
+
+    return convert_linears(model, list(skip), convert, "w8a8", progress)
+
+
+def set_fast_path(model: nn.Module, enabled: bool) -> None:
+    """Use (True, the default) or bypass the fast kernels in every W8A8 layer of `model`."""
+    for m in model.modules():
+        if isinstance(m, W8A8Linear):
+            m.fast = enabled
+
+
+# --- SmoothQuant -----------------------------------------------------------------------------------
+
+def smoothquant_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float = 0.5,
+                       eps: float = 1e-5) -> torch.Tensor:
+    """s [in] = act_absmax^alpha / weight_absmax^(1 - alpha), both inputs and s clamped to >= eps."""
+    a, w = act_absmax.float().clamp(min=eps), weight_absmax.float().clamp(min=eps)
+    return (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=eps)
+
+
+@torch.no_grad()
+def fold_smoothing(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
+    """Divide what `prev` outputs by s and multiply the input columns of `linears` (all fed by it) by s.
+    `prev` is a norm (weight [in] and optional bias scale its output elementwise: RMSNorm, LayerNorm) or a
+    linear whose output rows feed `linears` channel for channel (v_proj -> o_proj). Exact in real arithmetic;
+    in float the products change only by rounding."""
+    s = s.to(prev.weight.device, torch.float32)
+    prev.weight.copy_(prev.weight.float() / s.view(-1, *[1] * (prev.weight.dim() - 1)))
+    if getattr(prev, "bias", None) is not None:
+        prev.bias.copy_(prev.bias.float() / s)
+    for lin in linears:
+        lin.weight.copy_(lin.weight.float() * s)
+
+
+def _is_norm(m: nn.Module) -> bool:
+    w = getattr(m, "weight", None)
+    return (isinstance(m, nn.LayerNorm) or type(m).__name__.endswith(("RMSNorm", "LayerNorm"))) and \
+        isinstance(w, torch.Tensor) and w.dim() == 1
+
+
+@torch.no_grad()
+def _scales_with_weight(norm: nn.Module) -> bool:
+    """Whether scaling the norm's weight and bias by c scales its output by c (false for Gemma's x * (1 + w))."""
+    x = torch.randn(4, norm.weight.numel(), generator=torch.Generator().manual_seed(0))
+    x = x.to(norm.weight.device, norm.weight.dtype)
+    params = [p for p in (norm.weight, getattr(norm, "bias", None)) if p is not None]
+    y = norm(x).float()
+    for p in params:
+        p.mul_(2)
+    y2 = norm(x).float()
+    for p in params:
+        p.div_(2)
+    return torch.allclose(y2, 2 * y, rtol=1e-2, atol=1e-3 * float(y.abs().max()))
+
+
+@torch.no_grad()
+def smoothing_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """(producer, [linears]) pairs SmoothQuant can fold into, found from the model itself:
+    - a norm whose output tensor is the input of linears (traced by one short forward with hooks), e.g.
+      input_layernorm -> q/k/v_proj and post_attention_layernorm -> gate/up_proj in Llama/Qwen2/Mistral,
+      self_attn_layer_norm -> q/k/v and final_layer_norm -> fc1 in OPT, fused qkv_proj in Phi-3;
+      norms that are not linear in their weight (Gemma's 1 + w) are left out;
+    - v_proj -> o_proj (or out_proj) in one attention module, only when v_proj's outputs map 1:1 onto
+      o_proj's inputs (num_kv_heads == num_heads; with grouped-query attention one value channel feeds
+      several heads' outputs, so its shapes differ and it is skipped).
+    Assumes a norm's output feeds nothing but those linears (true for pre-norm transformers)."""
+    norms = {n: m for n, m in model.named_modules() if _is_norm(m)}
+    linears = dict(find_linears(model))
+    owner: dict[int, str] = {}
+    keep: list[torch.Tensor] = []  # hold outputs so their ids are not reused during the forward
+    fed: dict[str, list[str]] = {}
+
+    def on_norm(name):
+        def hook(_m, _args, out):
+            if isinstance(out, torch.Tensor):
+                owner[id(out)] = name
+                keep.append(out)
+        return hook
+
+    def on_linear(name):
+        def hook(_m, args):
+            src = owner.get(id(args[0])) if args else None
+            if src is not None and name not in fed.setdefault(src, []):
+                fed[src].append(name)
+        return hook
+
+    handles = [m.register_forward_hook(on_norm(n)) for n, m in norms.items()]
+    handles += [m.register_forward_pre_hook(on_linear(n)) for n, m in linears.items()]
+    try:
+        device = next(model.parameters()).device
+        model(input_ids=torch.ones(1, 4, dtype=torch.long, device=device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    groups = [(n, fed[n]) for n in norms if n in fed and _scales_with_weight(norms[n])]
+    for name, _ in model.named_modules():
+        prefix = f"{name}." if name else ""
+        v = linears.get(prefix + "v_proj")
+        for o_name in (prefix + "o_proj", prefix + "out_proj"):
+            o = linears.get(o_name)
+            if v is not None and o is not None and v.out_features == o.in_features:
+                groups.append((prefix + "v_proj", [o_name]))
+    return groups
+
+
+@torch.no_grad()
+def smooth_model(model: nn.Module, act_absmax: dict[str, torch.Tensor], alpha: float = 0.5,
+                 skip=("lm_head",)) -> list[dict]:
+    """Apply SmoothQuant to every group of smoothing_groups(model) whose linears all have statistics in
+    `act_absmax` (linear name -> max |input| per input channel, [in_features], from a calibration pass on
+    this unsmoothed model), none matches `skip`, and none has a tied weight. The float model computes the
+    same function afterwards (up to rounding). Returns one record per smoothed group."""
+    records = []
+    for prev_name, names in smoothing_groups(model):
+        tied = shared_weight_names(model, [prev_name, *names])
+        if tied or any(n not in act_absmax or any(s in n for s in skip) for n in names):
+            continue
+        prev, linears = model.get_submodule(prev_name), [model.get_submodule(n) for n in names]
+        act = torch.stack([act_absmax[n].float().to(prev.weight.device) for n in names]).amax(0)
+        w_absmax = torch.stack([lin.weight.abs().amax(0).float() for lin in linears]).amax(0)
+        s = smoothquant_scales(act, w_absmax, alpha)
+        fold_smoothing(prev, linears, s)
+        records.append({"prev": prev_name, "linears": names, "scale_min": float(s.min()), "scale_max": float(s.max())})
+    return records

@@ -1,0 +1,218 @@
+"""GPTQ math (float64 reference on a random layer) and the shared calibration pass (core/calibrate.py)."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from core.calibrate import Observer, find_decoder_layers, run_calibrated
+from core.quant.gptq import gptq_quantize, quantize_model_gptq
+from core.quant.linear import QuantLinear, quantize_model_rtn
+from core.quant.memory_accounting import module_bytes
+from core.quant.rtn import quantize_rtn
+
+
+def _layer(out=64, inp=96, tokens=512, seed=0):
+    """Random weights and correlated inputs (non-diagonal covariance, uneven channel scales), float64."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out, inp, generator=g, dtype=torch.float64)
+    mix = torch.eye(inp, dtype=torch.float64) + torch.randn(inp, inp, generator=g, dtype=torch.float64) / inp**0.5
+    X = torch.randn(tokens, inp, generator=g, dtype=torch.float64) @ mix * torch.linspace(0.2, 3, inp, dtype=torch.float64)
+    return W, X, 2 / tokens * X.T @ X
+
+
+def _out_err(X, W, qw) -> float:
+    return torch.linalg.norm(X @ W.T - X @ qw.dequantize().double().T).item()
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("group", [32, None, 40])
+@pytest.mark.parametrize("sym", [True, False])
+def test_gptq_beats_rtn_on_outputs(bits, group, sym):
+    W, X, H = _layer()
+    qw, info = gptq_quantize(W, H, bits, group, sym)
+    rtn = quantize_rtn(W, bits, group, sym)
+    assert _out_err(X, W, qw) < 0.9 * _out_err(X, W, rtn)
+    assert info["warning"] is None and info["damp"] == 0.01
+    assert info["out_rel_error"] < info["rtn_out_rel_error"]
+    ref = _out_err(X, W, qw) / torch.linalg.norm(X @ W.T).item()
+    assert info["out_rel_error"] == pytest.approx(ref, rel=1e-3)
+    # same storage format as RTN (a non-dividing group: 96 = 40 + 40 + 16)
+    assert (qw.group_size, qw.scales.shape, qw.scales.dtype, qw.packed.shape) == \
+           (rtn.group_size, rtn.scales.shape, rtn.scales.dtype, rtn.packed.shape)
+    assert (qw.zeros is None) == sym and qw.n_groups == (1 if group is None else math.ceil(96 / group))
+
+
+def test_huge_damping_is_rtn():
+    W, _, H = _layer()
+    for group in (32, 40, None):
+        qw, _ = gptq_quantize(W, H, 3, group, False, damp=1e8)
+        assert (qw.codes() == quantize_rtn(W, 3, group, False).codes()).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("group", [32, 40, None])
+def test_act_order(group):
+    W, X, H = _layer()
+    qw, info = gptq_quantize(W, H, 3, group, True, act_order=True)
+    rtn = quantize_rtn(W, 3, group, True)
+    assert _out_err(X, W, qw) < 0.9 * _out_err(X, W, rtn)
+    # static groups: the grid is RTN's, computed up front on the un-permuted weight; only the codes differ
+    assert qw.group_size == rtn.group_size and torch.equal(qw.scales, rtn.scales)
+    assert qw.packed.shape == rtn.packed.shape and info["warning"] is None
+
+
+def test_static_groups_without_act_order():
+    W, X, H = _layer()
+    qw, _ = gptq_quantize(W, H, 4, 40, False, static_groups=True)
+    rtn = quantize_rtn(W, 4, 40, False)
+    assert torch.equal(qw.scales, rtn.scales) and torch.equal(qw.zeros, rtn.zeros)
+    assert _out_err(X, W, qw) < _out_err(X, W, rtn)
+
+
+def test_indefinite_hessian_raises_damping():
+    W, _, H = _layer()
+    vals, vecs = torch.linalg.eigh(H)
+    vals[:3] = -0.05 * vals.mean()  # negative eigenvalues: damping 1% of mean(diag) is not enough
+    qw, info = gptq_quantize(W, vecs @ torch.diag(vals) @ vecs.T, 4, 32, True)
+    assert info["damp"] > 0.01 and "damping" in info["warning"]
+    assert torch.isfinite(qw.dequantize()).all()
+
+
+def test_singular_hessian_and_dead_columns():
+    W, X, _ = _layer(tokens=16)  # rank 16 < 96 columns
+    X[:, 5] = 0  # a dead input channel
+    qw, info = gptq_quantize(W, 2 / 16 * X.T @ X, 4, None, True)
+    assert info["warning"] is None and torch.isfinite(qw.dequantize()).all()
+    assert _out_err(X, W, qw) < _out_err(X, W, quantize_rtn(W, 4, None, True))
+    # a dead column is kept (rounded like RTN), not zeroed: inputs unseen in calibration still work
+    assert torch.equal(qw.codes()[:, 5], quantize_rtn(W, 4, None, True).codes()[:, 5])
+
+
+def test_zero_hessian_falls_back_to_rtn():
+    W, _, _ = _layer()
+    qw, info = gptq_quantize(W, torch.zeros(96, 96), 4, 32, True)
+    assert "RTN" in info["warning"] and info["damp"] is None
+    assert torch.equal(qw.packed, quantize_rtn(W, 4, 32, True).packed)
+
+
+# ---- calibration pass ------------------------------------------------------------------------------------------
+
+def _tiny(arch: str, layers: int = 2, hidden: int = 32):
+    import transformers as tf
+
+    v = 128
+    cfgs = {
+        "llama": lambda: tf.LlamaConfig(hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=v),
+        "qwen2": lambda: tf.Qwen2Config(hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=v,
+                                        use_sliding_window=True, sliding_window=4, max_window_layers=1),
+        "mistral": lambda: tf.MistralConfig(hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=v, sliding_window=4),
+        "gemma": lambda: tf.GemmaConfig(hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers,
+                                        num_attention_heads=4, num_key_value_heads=1, head_dim=8, vocab_size=v),
+        "gemma3": lambda: tf.Gemma3TextConfig(hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers,
+                                              num_attention_heads=4, num_key_value_heads=1, head_dim=8, vocab_size=v,
+                                              sliding_window=4, layer_types=["sliding_attention", "full_attention"] * (layers // 2)),
+        "phi": lambda: tf.PhiConfig(hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers,
+                                    num_attention_heads=4, vocab_size=v),
+        "gpt2": lambda: tf.GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, vocab_size=v, n_positions=64),
+        "opt": lambda: tf.OPTConfig(hidden_size=hidden, ffn_dim=64, num_hidden_layers=layers, num_attention_heads=4,
+                                    word_embed_proj_dim=hidden, vocab_size=v, max_position_embeddings=64),
+    }
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(cfgs[arch]()).eval()
+
+
+PREFIX = {"llama": "model.layers", "qwen2": "model.layers", "mistral": "model.layers", "gemma": "model.layers",
+          "gemma3": "model.layers", "phi": "model.layers", "gpt2": "transformer.h", "opt": "model.decoder.layers"}
+
+
+class _Recorder(Observer):
+    """Keeps each linear's inputs, to compare with a normal forward."""
+    name = "record"
+
+    def __init__(self):
+        self.seen = {}
+
+    def observe(self, name, module, x):
+        self.seen.setdefault(name, []).append(x.clone())
+
+    def apply(self, ctx):
+        return []
+
+
+@pytest.mark.parametrize("arch", list(PREFIX))
+def test_pass_replays_each_layer_like_the_model(arch):
+    """The pass feeds every linear exactly the inputs it gets in a normal forward (per-layer masks / rotary
+    embeddings included), and GPTQ through it runs on every architecture."""
+    model = _tiny(arch)
+    prefix, layers = find_decoder_layers(model)
+    assert prefix == PREFIX[arch] and len(layers) == 2
+    windows = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    expected, hooks = {}, []
+    for name, m in model.named_modules():
+        if name.startswith(prefix + ".") and type(m).__name__ in ("Linear", "Conv1D"):
+            hooks.append(m.register_forward_pre_hook(lambda mod, inp, n=name: expected.setdefault(n, []).append(inp[0])))
+    with torch.no_grad():
+        ref_logits = [model(w[None]).logits for w in windows]
+    for h in hooks:
+        h.remove()
+    rec = _Recorder()
+    run_calibrated(model, windows, rec, "cpu")
+    assert rec.seen.keys() == expected.keys()
+    for n in expected:
+        for a, b in zip(rec.seen[n], expected[n]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+    step = SimpleNamespace(bits=8, group_size=None, symmetric=True, skip=["lm_head"])
+    records = quantize_model_gptq(model, step, windows, "cpu")
+    assert len(records) == len(expected) and all(r["method"] == "gptq" for r in records)
+    assert all(isinstance(model.get_submodule(n), QuantLinear) for n in expected)
+    with torch.no_grad():
+        for w, ref in zip(windows, ref_logits):
+            assert (model(w[None]).logits - ref).abs().max() < 0.05 * ref.std() + 1e-4
+
+
+def test_gptq_model_closer_than_rtn(tiny_model_dir, corpus_file):
+    import copy
+
+    from core import data, models
+
+    src = models.resolve(str(tiny_model_dir))
+    tok, base = models.load_tokenizer(src), models.load_model(src)
+    windows = data.calibration_windows(tok, str(corpus_file), 32, 8)
+    step = SimpleNamespace(bits=3, group_size=32, symmetric=True, act_order=False, damp=0.01, block_size=128,
+                           skip=["lm_head"])
+    gptq, rtn = copy.deepcopy(base), copy.deepcopy(base)
+    records = quantize_model_gptq(gptq, step, windows, "cpu")
+    quantize_model_rtn(rtn, step)
+    assert len(records) == 14 and all(r["warning"] is None for r in records)
+    assert records.stats["seconds"] > 0 and records.stats["peak_bytes"] > 0 and records.stats["tokens"] == 8 * 32
+
+    def err(m):
+        with torch.no_grad():
+            return sum(((m(w[None]).logits - base(w[None]).logits) ** 2).mean().item() for w in windows)
+
+    assert err(gptq) < 0.8 * err(rtn)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_peak_memory_is_one_layer(device):
+    """Model on CPU, layers moved to `device` one at a time: the peak does not grow with depth."""
+    windows = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    step = SimpleNamespace(bits=4, group_size=None, symmetric=True, skip=["lm_head"])
+    peaks, sizes = {}, {}
+    for n in (2, 8, 32):
+        model = _tiny("llama", layers=n, hidden=64)
+        sizes[n] = module_bytes(model.model.layers)
+        peaks[n] = quantize_model_gptq(model, step, windows, device).stats["peak_bytes"]
+        assert all(p.device.type == "cpu" for p in model.parameters())
+        assert all(b.device.type == "cpu" for b in model.buffers())
+    assert sizes[32] > 14 * sizes[2]
+    assert peaks[32] < 1.5 * peaks[2], peaks

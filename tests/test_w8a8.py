@@ -1,0 +1,257 @@
+"""W8A8 (int8 / FP8 weights and dynamic per-token activations) and SmoothQuant, on random tensors and a
+tiny random Llama."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.quant.linear import find_linears
+from core.quant.memory_accounting import module_bytes
+from core.quant.w8a8 import (
+    FP8Linear,
+    W8A8Linear,
+    fold_smoothing,
+    fp8_matmul_reference,
+    int8_matmul,
+    int8_matmul_reference,
+    int_mm_ok,
+    quantize_model_w8a8,
+    quantize_per_channel_fp8,
+    quantize_per_channel_int8,
+    quantize_per_token_fp8,
+    quantize_per_token_int8,
+    set_fast_path,
+    smooth_model,
+    smoothing_groups,
+    smoothquant_scales,
+)
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _tiny_llama(kv_heads=2, seed=0):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=kv_heads, vocab_size=300, max_position_embeddings=128,
+                      tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _ids(n=2, length=24, seed=1):
+    return torch.randint(1, 300, (n, length), generator=_gen(seed))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits.float()
+
+
+def _kl(logits, ref):
+    return float(F.kl_div(F.log_softmax(logits, -1), F.log_softmax(ref, -1), log_target=True,
+                          reduction="batchmean"))
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 64, 32), (3, 7, 5), (16, 24, 40), (17, 100, 96), (33, 576, 192), (5, 1536, 72)])
+def test_int8_fast_path_matches_reference_exactly(m, k, n):
+    g = _gen(m * k + n)
+    a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    ref = int8_matmul_reference(a, w)
+    assert ref.dtype == torch.int32
+    assert torch.equal(ref, (a.long() @ w.long().t()).int())  # the integer product itself
+    assert int_mm_ok("cpu")  # torch._int_mm exists and is exact on CPU in this build
+    assert torch.equal(int8_matmul(a, w, fast=True), ref)
+
+
+@pytest.mark.parametrize("cls", [W8A8Linear, FP8Linear])
+@pytest.mark.parametrize("shape", [(1, 64, 32), (2, 9, 33, 17)])
+def test_w8a8_linear_close_to_float_and_paths_agree(cls, shape):
+    g = _gen(len(shape))
+    *lead, k, n = shape
+    lin = nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g) * 0.1)
+        lin.bias.copy_(torch.randn(n, generator=g))
+    x = torch.randn(*lead, k, generator=g) + 0.1
+    q = cls.from_linear(lin)
+    y_fast = q(x)
+    q.fast = False
+    y_ref = q(x)
+    assert y_fast.shape == (*lead, n)
+    assert torch.equal(y_fast, y_ref) if cls is W8A8Linear else torch.allclose(y_fast, y_ref, rtol=1e-2)
+    assert _rel(y_ref - lin.bias, lin(x).detach() - lin.bias) < (0.02 if cls is W8A8Linear else 0.08)
+
+
+def test_int8_quantization_round_trip_bounds():
+    g = _gen(2)
+    w = torch.randn(48, 80, generator=g) * torch.logspace(-3, 1, 48)[:, None]  # rows of very different ranges
+    q, s = quantize_per_channel_int8(w)
+    assert q.dtype == torch.int8 and s.shape == (48,) and s.dtype == torch.float32
+    assert q.abs().max() <= 127 and (q.abs().amax(1) == 127).all()  # each row's absmax uses the full range
+    assert ((q.float() * s[:, None] - w).abs() <= s[:, None] / 2 * (1 + 1e-5)).all()
+    x = torch.randn(7, 80, generator=g) * 3
+    qx, sx = quantize_per_token_int8(x)
+    assert sx.shape == (7, 1)
+    assert ((qx.float() * sx - x).abs() <= sx / 2 * (1 + 1e-5)).all()
+    zq, zs = quantize_per_channel_int8(torch.zeros(3, 8))  # an all-zero row must not divide by zero
+    assert (zq == 0).all() and (zs == 1).all()
+
+
+def test_fp8_quantization_round_trip_bounds():
+    g = _gen(3)
+    w = torch.randn(32, 64, generator=g) * torch.logspace(-3, 1, 32)[:, None]
+    q, s = quantize_per_channel_fp8(w)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (32,)
+    assert torch.allclose(q.float().abs().amax(1), torch.full((32,), 448.0))
+    # e4m3: 3 mantissa bits -> relative rounding error <= 2**-4; subnormals (< 2**-6) step 2**-9
+    err = (q.float() * s[:, None] - w).abs()
+    assert (err <= torch.maximum(w.abs() * 2**-4, s[:, None] * 2**-10) * (1 + 1e-5)).all()
+    x = torch.randn(5, 64, generator=g)
+    qx, sx = quantize_per_token_fp8(x)
+    assert sx.shape == (5, 1) and _rel(qx.float() * sx, x) < 0.05
+
+
+def test_fp8_reference_matches_float64():
+    g = _gen(4)
+    (aq, a_s), (wq, w_s) = quantize_per_token_fp8(torch.randn(9, 96, generator=g)), \
+        quantize_per_channel_fp8(torch.randn(40, 96, generator=g))
+    exact = (aq.double() * a_s.double()) @ (wq.double() * w_s.double()[:, None]).t()
+    y = fp8_matmul_reference(aq, a_s, wq, w_s)
+    assert y.dtype == torch.float32 and torch.allclose(y.double(), exact, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [W8A8Linear, FP8Linear])
+def test_module_bytes_and_state_dict_round_trip(cls):
+    lin = nn.Linear(96, 40, bias=False)
+    q = cls.from_linear(lin)
+    assert module_bytes(q) == q.weight_bytes == 96 * 40 + 4 * 40
+    assert module_bytes(cls.from_linear(nn.Linear(96, 40))) == 96 * 40 + 4 * 40 + 4 * 40  # + float32 bias
+    fresh = cls(96, 40, bias=False)
+    fresh.load_state_dict(q.state_dict())
+    x = torch.randn(3, 96, generator=_gen(5))
+    assert torch.equal(fresh(x), q(x))
+    half = copy.deepcopy(q).half()  # casting the model must keep codes and float32 scales
+    assert half.qweight.dtype == q.qweight.dtype and half.weight_scale.dtype == torch.float32
+    assert half(x.half()).dtype == torch.float16
+
+
+@pytest.mark.parametrize("scheme,max_kl", [("int8", 1e-3), ("fp8", 5e-3)])
+def test_quantize_model_w8a8_tiny_llama(scheme, max_kl):
+    model = _tiny_llama()
+    ids = _ids()
+    ref = _logits(model, ids)
+    emb = model.get_input_embeddings().weight.detach().clone()
+    calls = []
+    records = quantize_model_w8a8(model, scheme, progress=lambda *a: calls.append(a))
+    assert len(records) == 2 * 7 and calls[-1] == ("w8a8", 14, 14)
+    r = records[0]
+    assert set(r) == {"name", "shape", "bits", "group_size", "rel_error", "bytes", "orig_bytes", "scheme"}
+    assert r["bits"] == 8 and r["group_size"] is None and r["scheme"] == scheme
+    assert r["bytes"] == r["shape"][0] * r["shape"][1] + 4 * r["shape"][0] and r["orig_bytes"] == 4 * r["shape"][0] * r["shape"][1]
+    assert 0 < r["rel_error"] < (0.01 if scheme == "int8" else 0.05)
+    assert isinstance(model.lm_head, nn.Linear) and torch.equal(model.get_input_embeddings().weight, emb)
+    logits = _logits(model, ids)
+    assert _kl(logits, ref) < max_kl and _rel(logits, ref) < 0.05
+
+    again = _tiny_llama(seed=1)  # different weights, then loaded from the quantized state_dict
+    quantize_model_w8a8(again, scheme)
+    again.load_state_dict(model.state_dict())
+    assert torch.equal(_logits(again, ids), logits)
+
+
+def test_quantize_model_w8a8_rejects_unknown_scheme():
+    from core.errors import UnsupportedError
+
+    with pytest.raises(UnsupportedError):
+        quantize_model_w8a8(_tiny_llama(), "int4")
+
+
+def test_fold_smoothing_is_exact_for_norm_and_linear():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    g = _gen(6)
+    norm = LlamaRMSNorm(32)
+    a, b = nn.Linear(32, 16), nn.Linear(32, 24)
+    ln = nn.LayerNorm(32)
+    v, o = nn.Linear(20, 32), nn.Linear(32, 8)
+    with torch.no_grad():
+        for p in (norm.weight, ln.weight, ln.bias):
+            p.copy_(torch.randn(32, generator=g))
+    x = torch.randn(5, 32, generator=g)
+    s = torch.rand(32, generator=g) * 10 + 0.05
+    for prev, lins, inp in ((norm, [a, b], x), (ln, [a, b], x), (v, [o], torch.randn(5, 20, generator=g))):
+        before = [lin(prev(inp)).detach() for lin in lins]
+        fold_smoothing(prev, lins, s)
+        after = [lin(prev(inp)).detach() for lin in lins]
+        for y0, y1 in zip(before, after):
+            assert torch.allclose(y0, y1, rtol=1e-5, atol=1e-5)
+
+
+def test_smoothquant_scales():
+    act, w = torch.tensor([4.0, 1.0, 0.0]), torch.tensor([1.0, 4.0, 2.0])
+    s = smoothquant_scales(act, w, alpha=0.5)
+    assert torch.allclose(s[:2], torch.tensor([2.0, 0.5])) and s[2] > 0  # a dead channel stays finite, > 0
+
+
+def _act_absmax(model, ids) -> dict[str, torch.Tensor]:
+    stats, hooks = {}, []
+    for name, lin in find_linears(model):
+        def hook(_m, args, name=name):
+            a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
+            stats[name] = torch.maximum(stats[name], a) if name in stats else a
+        hooks.append(lin.register_forward_pre_hook(hook))
+    _logits(model, ids)
+    for h in hooks:
+        h.remove()
+    return stats
+
+
+def test_smoothing_groups_llama():
+    gqa = smoothing_groups(_tiny_llama(kv_heads=2))
+    assert ("model.layers.0.input_layernorm",
+            ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]) in gqa
+    assert ("model.layers.1.post_attention_layernorm", ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]) in gqa
+    assert ("model.norm", ["lm_head"]) in gqa
+    assert not any(p.endswith("v_proj") for p, _ in gqa)  # grouped-query attention: no v -> o folding
+    mha = smoothing_groups(_tiny_llama(kv_heads=4))
+    assert ("model.layers.0.self_attn.v_proj", ["model.layers.0.self_attn.o_proj"]) in mha
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_smooth_model_exact_in_float_and_helps_int8(kv_heads):
+    model = _tiny_llama(kv_heads=kv_heads)
+    with torch.no_grad():  # plant activation outlier channels, as real LLMs have
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[[3, 17, 40]] *= 50
+    ids = _ids()
+    ref = _logits(model, ids)
+    stats = _act_absmax(model, _ids(seed=2))
+    emb = model.get_input_embeddings().weight.detach().clone()
+
+    smoothed = copy.deepcopy(model)
+    records = smooth_model(smoothed, stats, alpha=0.5)
+    assert len(records) == 2 * (2 if kv_heads == 2 else 3)  # the final norm -> tied lm_head is left alone
+    assert torch.equal(smoothed.get_input_embeddings().weight, emb)
+    assert torch.allclose(_logits(smoothed, ids), ref, rtol=1e-4, atol=1e-4)
+
+    plain = copy.deepcopy(model)
+    quantize_model_w8a8(plain, "int8")
+    quantize_model_w8a8(smoothed, "int8")
+    err_plain, err_smooth = _rel(_logits(plain, ids), ref), _rel(_logits(smoothed, ids), ref)
+    assert err_smooth < 0.5 * err_plain, (err_smooth, err_plain)
+    fast = _logits(smoothed, ids)
+    set_fast_path(smoothed, False)  # the reference integer path gives the same logits
+    assert torch.equal(_logits(smoothed, ids), fast)
