@@ -23,6 +23,10 @@ PRESETS = [
     ("rtn3g64", "RTN int3 g64", [{"method": "rtn", "bits": 3, "group_size": 64}], None, None),
     ("rtn2g64", "RTN int2 g64", [{"method": "rtn", "bits": 2, "group_size": 64}], None,
      "Expect a large accuracy loss: this shows where round-to-nearest breaks down."),
+    ("gptq4g64", "GPTQ int4 g64", [{"method": "gptq", "bits": 4, "group_size": 64}], None,
+     "Calibrated layer by layer on 32 windows × 256 tokens of the Brown calibration split."),
+    ("gptq3g64", "GPTQ int3 g64", [{"method": "gptq", "bits": 3, "group_size": 64}], None,
+     "Where GPTQ's error compensation matters most: compare with RTN int3 g64."),
     ("bnb_int8", "bitsandbytes LLM.int8", [{"method": "bnb", "mode": "int8"}], "int8", None),
     ("bnb_nf4", "bitsandbytes NF4", [{"method": "bnb", "mode": "nf4"}], "nf4", None),
     ("bnb_fp4", "bitsandbytes FP4", [{"method": "bnb", "mode": "fp4"}], "fp4", None),
@@ -82,7 +86,9 @@ with left:
                + (f" {bnb['detail']}" if bnb.get("detail") else ""))
 
     with st.container(border=True):
-        custom = st.checkbox("Custom RTN setting", key="custom_on")
+        custom = st.checkbox("Custom weight-quantization setting", key="custom_on")
+        method = st.radio("Method", ["rtn", "gptq"], key="custom_method", horizontal=True, disabled=not custom,
+                          format_func={"rtn": "RTN (round to nearest)", "gptq": "GPTQ (calibrated)"}.get)
         c1, c2, c3 = st.columns(3)
         bits = c1.number_input("Bits", value=4, step=1, key="custom_bits", disabled=not custom,
                                help="2 to 8 bits per weight.")
@@ -96,12 +102,23 @@ with left:
                                      "which fits skewed weights better at a small memory cost.")
         skip = st.text_input("Keep unquantized (comma-separated layer names)", value="lm_head",
                              key="custom_skip", disabled=not custom)
+        gptq_on = custom and method == "gptq"
+        c1, c2, c3, c4 = st.columns(4)
+        act_order = c1.checkbox("Act-order", key="custom_act_order", disabled=not gptq_on,
+                                help="Quantize columns in order of decreasing input energy (static groups).")
+        damp = c2.number_input("Damping", value=0.01, step=0.005, format="%.3f", key="custom_damp", disabled=not gptq_on,
+                               help="Fraction of the mean Hessian diagonal added for stability (raised automatically if needed).")
+        calib_windows = c3.number_input("Calibration windows", value=32, step=1, key="custom_calib_windows",
+                                        disabled=not gptq_on)
+        calib_len = c4.number_input("Window length", value=256, step=1, key="custom_calib_len", disabled=not gptq_on)
         name = st.text_input("Name (optional)", key="custom_name", disabled=not custom)
         if custom:
-            selected.append((name or "Custom RTN", [{
-                "method": "rtn", "bits": int(bits), "group_size": None if per_channel else int(group),
-                "symmetric": symmetric, "skip": [s.strip() for s in skip.split(",") if s.strip()],
-            }], name.strip() or None))
+            step = {"method": method, "bits": int(bits), "group_size": None if per_channel else int(group),
+                    "symmetric": symmetric, "skip": [s.strip() for s in skip.split(",") if s.strip()]}
+            if gptq_on:
+                step |= {"act_order": act_order, "damp": float(damp),
+                         "calibration": {"windows": int(calib_windows), "window_len": int(calib_len)}}
+            selected.append((name or f"Custom {method.upper()}", [step], name.strip() or None))
 
 with right:
     st.subheader("Measurement")

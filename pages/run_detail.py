@@ -92,6 +92,11 @@ def detail(run_id: str):
         if mem:
             st.dataframe(pd.DataFrame([{k.replace("_bytes", "_mib"): v / 2**20 if k.endswith("_bytes") and v else v
                                         for k, v in mem.items()}]), hide_index=True)
+        if calib := m.get("calibration"):
+            st.write("Calibration (time and peak memory of the layer-by-layer pass):")
+            st.dataframe(pd.DataFrame(calib), hide_index=True)
+        if timings := m.get("timings"):
+            st.caption("Wall time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in timings.items()))
         if model := m.get("model"):
             with st.expander("Model"):
                 st.json(model)

@@ -140,6 +140,21 @@ def test_new_experiment_negative_group_size(store, submitted):
     assert "group_size" in texts(at, "error") and submitted == []
 
 
+def test_new_experiment_custom_gptq(store, submitted):
+    at = app()
+    for key in ("preset_baseline", "preset_rtn8", "preset_rtn4g64"):
+        at.checkbox(key=key).uncheck()
+    at.checkbox(key="custom_on").check().run()
+    at.radio(key="custom_method").set_value("gptq").run()
+    at.number_input(key="custom_bits").set_value(3)
+    at.checkbox(key="custom_act_order").check()
+    at.number_input(key="custom_calib_windows").set_value(8)
+    at.button(key="submit").click().run()
+    assert not at.exception and not at.error
+    (exp,) = submitted
+    assert exp.label() == "GPTQ int3 g64 sym act-order" and exp.steps[0].calibration.windows == 8
+
+
 def test_experiments_lists_runs_and_shows_errors(filled):
     at = app("pages/experiments.py")
     table = at.dataframe[0].value

@@ -96,8 +96,11 @@ def bnb_status(device: str = "cpu") -> dict:
         except Exception as e:
             problem = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
         status[key] = problem is None
-        if problem:
-            problems.append(f"{mode} with in_features={in_features}: {problem}")
+        if problem and key == "4bit_unaligned":
+            problems.append("4-bit runs only on models whose layer widths are multiples of 64 here "
+                            f"(with another width: {problem})")
+        elif problem:
+            problems.append(f"{mode}: {problem}")
     status["detail"] = "; ".join(problems) or f"int8, nf4 and fp4 run correctly on {device}"
     return status
 
