@@ -15,9 +15,10 @@ embeddings, final norm and lm_head stay where they are.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 from torch import nn
@@ -90,7 +91,7 @@ class Observer:
     replace ctx.linears (by model-level name) and returns per-layer records, freeing the statistics it used."""
 
     name = "calibrate"
-    skip: list[str] = []
+    skip: tuple[str, ...] | list[str] = ()  # substrings of model-level linear names to leave alone
 
     def observe(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
         raise NotImplementedError
@@ -139,7 +140,7 @@ def _same(a, b) -> bool:
         return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     try:
         return a is b or (type(a) is type(b) and bool(a == b))
-    except Exception:
+    except Exception:  # noqa: BLE001 (an object whose == raises or is not a bool: not the same)
         return False
 
 
@@ -211,6 +212,26 @@ def _capture(model: nn.Module, prefix: str, layers: nn.ModuleList, windows: torc
     return hidden, [None if c[0] is None else c for c in calls]
 
 
+@contextmanager
+def _dequantized(layer: nn.Module, dtype: torch.dtype):
+    """Swap the layer's QuantLinears for float nn.Linears holding their dequantized weights while the windows
+    run through it again: the same outputs (QuantLinear's forward is dequantize + F.linear) without unpacking
+    the codes once per window."""
+    from .quant.linear import QuantLinear, _set_module
+
+    quant = [(n, m) for n, m in layer.named_modules() if isinstance(m, QuantLinear)]
+    for n, q in quant:
+        lin = nn.Linear(q.in_features, q.out_features, bias=False, device="meta")
+        lin.weight = nn.Parameter(q.qweight.dequantize(dtype), requires_grad=False)
+        lin.bias = None if q.bias is None else nn.Parameter(q.bias.to(dtype), requires_grad=False)
+        _set_module(layer, n, lin)
+    try:
+        yield
+    finally:
+        for n, q in quant:
+            _set_module(layer, n, q)
+
+
 def _home(layer: nn.Module, default):
     t = next(iter(layer.parameters()), None)
     if t is None:
@@ -222,7 +243,8 @@ def run_calibrated(model: nn.Module, windows: torch.Tensor, method: Observer, de
                    progress: Callable | None = None) -> tuple[list[dict], dict]:
     """Run the calibration pass for `method` on windows ([n, window_len] token ids).
 
-    stats: seconds; peak_bytes (torch.cuda.max_memory_allocated on a CUDA device, else tracked_peak_bytes);
+    stats: seconds; peak_bytes: torch.cuda.max_memory_allocated on a CUDA device (it includes what was there
+    before: device_start_bytes, e.g. the cuBLAS workspace or a model kept on the GPU), else tracked_peak_bytes;
     tracked_peak_bytes = max over layers of the layer's bytes + the cached hidden states and layer inputs +
     the method's statistics + one window's output (transient tensors inside one forward are not counted).
     """
@@ -231,6 +253,7 @@ def run_calibrated(model: nn.Module, windows: torch.Tensor, method: Observer, de
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
     prefix, layers = find_decoder_layers(model)
     hidden, calls = _capture(model, prefix, layers, windows)
     hidden, calls = _to((hidden, calls), device, {})
@@ -265,17 +288,18 @@ def run_calibrated(model: nn.Module, windows: torch.Tensor, method: Observer, de
             layer_bytes = module_bytes(layer)
             if linears:
                 records += method.apply(LayerContext(model, i, name, layer, linears, device, run))
-            for w, t in enumerate(calls[i]):
-                hidden[w] = _run(layer, hidden[w], t)
+            with _dequantized(layer, hidden[0].dtype):
+                for w, t in enumerate(calls[i]):
+                    hidden[w] = _run(layer, hidden[w], t)
         tracked = max(tracked, layer_bytes + act_bytes + stats_bytes + tensor_bytes([hidden[-1]]))
         layer.to(home)
     if progress:
         progress(method.name, len(layers), len(layers))
-    del hidden, calls
     stats = {
         "seconds": time.perf_counter() - t0,
         "peak_bytes": torch.cuda.max_memory_allocated(device) if cuda else tracked,
         "peak_source": "cuda.max_memory_allocated" if cuda else "tracked",
+        "device_start_bytes": start if cuda else None,  # on CUDA, what the process held there before the pass
         "tracked_peak_bytes": tracked,
         "device": str(device),
         "layers": len(layers),

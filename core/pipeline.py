@@ -44,8 +44,19 @@ def _apply_rtn(model, step, ctx: StepContext):
     return quantize_model_rtn(model, step, progress=ctx.progress)
 
 
+def _apply_gptq(model, step, ctx: StepContext):
+    from .quant.gptq import quantize_model_gptq
+
+    c = step.calibration
+    windows = data.calibration_windows(ctx.tokenizer, c.corpus, c.window_len, c.windows, c.seed)
+    records = quantize_model_gptq(model, step, windows, ctx.device, ctx.progress)
+    ctx.calibration.append({"step": step.label(), "windows": int(windows.shape[0]), "window_len": c.window_len,
+                            "corpus": c.corpus, **records.stats})
+    return list(records)
+
+
 # Steps applied to an already-loaded model. (bitsandbytes quantizes while loading: see _load.)
-STEP_APPLIERS = {"rtn": _apply_rtn}
+STEP_APPLIERS = {"rtn": _apply_rtn, "gptq": _apply_gptq}
 
 
 def _load(exp: Experiment, src, device: str):

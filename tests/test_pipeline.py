@@ -134,3 +134,19 @@ def test_runs_take_turns(store, tiny_model_dir, corpus_file):
     assert waiting.status == "queued" and "waiting" in waiting.stage
     jobs.cancel(first, store)
     assert _wait(store, second).status == "done"
+
+
+def test_gptq_step_through_the_pipeline_and_cli(tiny_model_dir, corpus_file, tmp_path):
+    calib = {"corpus": str(corpus_file), "windows": 4, "window_len": 32}
+    rtn = run_experiment(_exp(tiny_model_dir, corpus_file, [{"method": "rtn", "bits": 3, "group_size": 32}], latency=False, samples=False))
+    gptq = run_experiment(_exp(tiny_model_dir, corpus_file, [{"method": "gptq", "bits": 3, "group_size": 32, "calibration": calib}],
+                               latency=False, samples=False))
+    assert gptq["memory"]["weight_bytes"] == rtn["memory"]["weight_bytes"]  # same packed format
+    (cal,) = gptq["calibration"]
+    assert cal["windows"] == 4 and cal["seconds"] > 0 and cal["peak_bytes"] > 0
+    assert {r.get("method") for r in gptq["layers"]} == {"gptq"}
+    r = _cli("run", "--model", str(tiny_model_dir), "--corpus", str(corpus_file), "--eval-windows", "2", "--window-len", "32",
+             "--no-latency", "--no-samples", "--step", f"gptq:bits=4,group_size=32,calibration.windows=2,calibration.corpus={corpus_file}",
+             env={"SLIMLM_DATA": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert "GPTQ int4 g32 sym" in r.stdout

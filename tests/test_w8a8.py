@@ -225,9 +225,11 @@ def test_smoothing_groups_llama():
             ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]) in gqa
     assert ("model.layers.1.post_attention_layernorm", ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]) in gqa
     assert not any("lm_head" in names for _, names in gqa)  # logits are computed from a slice of model.norm's output
+    assert ("model.layers.1.mlp.up_proj", ["model.layers.1.mlp.down_proj"]) in gqa  # gated MLP
     assert not any(p.endswith("v_proj") for p, _ in gqa)  # grouped-query attention: no v -> o folding
+    assert len(gqa) == 2 * 3
     mha = smoothing_groups(_tiny_llama(kv_heads=4))
-    assert ("model.layers.0.self_attn.v_proj", ["model.layers.0.self_attn.o_proj"]) in mha
+    assert ("model.layers.0.self_attn.v_proj", ["model.layers.0.self_attn.o_proj"]) in mha and len(mha) == 2 * 4
 
 
 @pytest.mark.parametrize("kv_heads", [2, 4])
@@ -237,6 +239,7 @@ def test_smooth_model_exact_in_float_and_helps_int8(kv_heads):
         for layer in model.model.layers:
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 norm.weight[[3, 17, 40]] *= 50
+            layer.mlp.up_proj.weight[[5, 60]] *= 30
     ids = _ids()
     ref = _logits(model, ids)
     stats = _act_absmax(model, _ids(seed=2))
@@ -244,7 +247,7 @@ def test_smooth_model_exact_in_float_and_helps_int8(kv_heads):
 
     smoothed = copy.deepcopy(model)
     records = smooth_model(smoothed, stats, alpha=0.5)
-    assert len(records) == 2 * (2 if kv_heads == 2 else 3)
+    assert len(records) == 2 * (3 if kv_heads == 2 else 4)
     assert torch.equal(smoothed.get_input_embeddings().weight, emb)
     assert torch.allclose(_logits(smoothed, ids), ref, rtol=1e-4, atol=1e-4)
 

@@ -248,8 +248,8 @@ def smoothquant_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, al
 def fold_smoothing(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
     """Divide what `prev` outputs by s and multiply the input columns of `linears` (all fed by it) by s.
     `prev` is a norm (weight [in] and optional bias scale its output elementwise: RMSNorm, LayerNorm) or a
-    linear whose output rows feed `linears` channel for channel (v_proj -> o_proj). Exact in real arithmetic;
-    in float the products change only by rounding."""
+    linear whose output rows feed `linears` channel for channel (v_proj -> o_proj, up_proj -> down_proj).
+    Exact in real arithmetic; in float the products change only by rounding."""
     s = s.to(prev.weight.device, torch.float32)
     prev.weight.copy_(prev.weight.float() / s.view(-1, *[1] * (prev.weight.dim() - 1)))
     if getattr(prev, "bias", None) is not None:
@@ -286,9 +286,11 @@ def smoothing_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
       input_layernorm -> q/k/v_proj and post_attention_layernorm -> gate/up_proj in Llama/Qwen2/Mistral,
       self_attn_layer_norm -> q/k/v and final_layer_norm -> fc1 in OPT, fused qkv_proj in Phi-3;
       norms that are not linear in their weight (Gemma's 1 + w) are left out;
-    - v_proj -> o_proj (or out_proj) in one attention module, only when v_proj's outputs map 1:1 onto
+    - a linear whose output channels reach the next linear's inputs only scaled elementwise, by name:
+      v_proj -> o_proj (or out_proj) in one attention module, only when v_proj's outputs map 1:1 onto
       o_proj's inputs (num_kv_heads == num_heads; with grouped-query attention one value channel feeds
-      several heads' outputs, so its shapes differ and it is skipped).
+      several heads' outputs, the shapes differ and it is skipped); up_proj -> down_proj in a gated MLP
+      (down_proj(act(gate_proj(x)) * up_proj(x)), recognised by a gate_proj beside them).
     Assumes a norm's output feeds nothing but those linears (true for pre-norm transformers)."""
     norms = {n: m for n, m in model.named_modules() if _is_norm(m)}
     linears = dict(find_linears(model))
@@ -320,12 +322,12 @@ def smoothing_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
             h.remove()
     groups = [(n, fed[n]) for n in norms if n in fed and _scales_with_weight(norms[n])]
     for name, _ in model.named_modules():
-        prefix = f"{name}." if name else ""
-        v = linears.get(prefix + "v_proj")
-        for o_name in (prefix + "o_proj", prefix + "out_proj"):
-            o = linears.get(o_name)
-            if v is not None and o is not None and v.out_features == o.in_features:
-                groups.append((prefix + "v_proj", [o_name]))
+        p = f"{name}." if name else ""
+        pairs = [("v_proj", "o_proj"), ("v_proj", "out_proj")] + ([("up_proj", "down_proj")] if p + "gate_proj" in linears else [])
+        for src, dst in pairs:
+            a, b = linears.get(p + src), linears.get(p + dst)
+            if a is not None and b is not None and a.out_features == b.in_features:
+                groups.append((p + src, [p + dst]))
     return groups
 
 
