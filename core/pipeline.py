@@ -44,19 +44,38 @@ def _apply_rtn(model, step, ctx: StepContext):
     return quantize_model_rtn(model, step, progress=ctx.progress)
 
 
-def _apply_gptq(model, step, ctx: StepContext):
+def _calibrated(quantize, needs_windows=lambda step: True):
+    """Wrap a calibrated method: draw its calibration windows, run it, keep its pass's figures."""
+
+    def apply(model, step, ctx: StepContext):
+        c = step.calibration
+        windows = data.calibration_windows(ctx.tokenizer, c.corpus, c.window_len, c.windows, c.seed) if needs_windows(step) else None
+        records = quantize(model, step, windows, ctx.device, ctx.progress)
+        if records.stats:
+            ctx.calibration.append({"step": step.label(), "window_len": c.window_len, "corpus": c.corpus, **records.stats})
+        return list(records)
+
+    return apply
+
+
+def _gptq(*args):
     from .quant.gptq import quantize_model_gptq
 
-    c = step.calibration
-    windows = data.calibration_windows(ctx.tokenizer, c.corpus, c.window_len, c.windows, c.seed)
-    records = quantize_model_gptq(model, step, windows, ctx.device, ctx.progress)
-    ctx.calibration.append({"step": step.label(), "windows": int(windows.shape[0]), "window_len": c.window_len,
-                            "corpus": c.corpus, **records.stats})
-    return list(records)
+    return quantize_model_gptq(*args)
+
+
+def _w8a8(*args):
+    from .quant.smoothquant import quantize_model_w8a8_step
+
+    return quantize_model_w8a8_step(*args)
 
 
 # Steps applied to an already-loaded model. (bitsandbytes quantizes while loading: see _load.)
-STEP_APPLIERS = {"rtn": _apply_rtn, "gptq": _apply_gptq}
+STEP_APPLIERS = {
+    "rtn": _apply_rtn,
+    "gptq": _calibrated(_gptq),
+    "w8a8": _calibrated(_w8a8, lambda s: s.scheme == "int8" and s.smoothquant_alpha is not None),
+}
 
 
 def _load(exp: Experiment, src, device: str):

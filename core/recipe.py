@@ -78,6 +78,22 @@ class GPTQStep(_WeightQuantStep):
         return f"GPTQ {self._format()}{' act-order' if self.act_order else ''}"
 
 
+class W8A8Step(_Strict):
+    """8-bit weights AND activations (dynamic per-token scales): int8 with optional SmoothQuant
+    smoothing (alpha; empty = none), or FP8 E4M3."""
+
+    method: Literal["w8a8"] = "w8a8"
+    scheme: Literal["int8", "fp8"] = "int8"
+    smoothquant_alpha: float | None = Field(0.5, ge=0, le=1)
+    skip: list[str] = Field(default_factory=lambda: ["lm_head"])
+    calibration: CalibrationOptions = Field(default_factory=CalibrationOptions)
+
+    def label(self) -> str:
+        if self.scheme == "fp8":
+            return "FP8 W8A8"
+        return "W8A8 int8" + ("" if self.smoothquant_alpha is None else f" SmoothQuant a={self.smoothquant_alpha:g}")
+
+
 class BnbStep(_Strict):
     """bitsandbytes: LLM.int8 (mode int8) or 4-bit NF4/FP4 weights, applied while loading."""
 
@@ -98,8 +114,8 @@ class BnbStep(_Strict):
         return "bnb LLM.int8" if self.mode == "int8" else f"bnb {self.mode.upper()}{' +DQ' if self.double_quant else ''}"
 
 
-Step = Annotated[Union[RTNStep, GPTQStep, BnbStep], Field(discriminator="method")]
-STEP_TYPES = {"rtn": RTNStep, "gptq": GPTQStep, "bnb": BnbStep}
+Step = Annotated[Union[RTNStep, GPTQStep, W8A8Step, BnbStep], Field(discriminator="method")]
+STEP_TYPES = {"rtn": RTNStep, "gptq": GPTQStep, "w8a8": W8A8Step, "bnb": BnbStep}
 
 
 class MeasureOptions(_Strict):

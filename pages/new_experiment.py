@@ -27,6 +27,11 @@ PRESETS = [
      "Calibrated layer by layer on 32 windows × 256 tokens of the Brown calibration split."),
     ("gptq3g64", "GPTQ int3 g64", [{"method": "gptq", "bits": 3, "group_size": 64}], None,
      "Where GPTQ's error compensation matters most: compare with RTN int3 g64."),
+    ("sq_w8a8", "SmoothQuant W8A8 int8", [{"method": "w8a8", "scheme": "int8", "smoothquant_alpha": 0.5}], None,
+     "int8 weights and per-token int8 activations; activation outliers moved into the weights (alpha 0.5), "
+     "statistics from 32 calibration windows."),
+    ("fp8_w8a8", "FP8 W8A8 (E4M3)", [{"method": "w8a8", "scheme": "fp8"}], None,
+     "FP8 weights and per-token FP8 activations. Real FP8 matmuls need a recent GPU; elsewhere a reference path."),
     ("bnb_int8", "bitsandbytes LLM.int8", [{"method": "bnb", "mode": "int8"}], "int8", None),
     ("bnb_nf4", "bitsandbytes NF4", [{"method": "bnb", "mode": "nf4"}], "nf4", None),
     ("bnb_fp4", "bitsandbytes FP4", [{"method": "bnb", "mode": "fp4"}], "fp4", None),

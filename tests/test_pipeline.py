@@ -150,3 +150,20 @@ def test_gptq_step_through_the_pipeline_and_cli(tiny_model_dir, corpus_file, tmp
              env={"SLIMLM_DATA": str(tmp_path)})
     assert r.returncode == 0, r.stderr
     assert "GPTQ int4 g32 sym" in r.stdout
+
+
+@pytest.mark.parametrize("step, label", [
+    ({"method": "w8a8", "scheme": "int8"}, "W8A8 int8 SmoothQuant a=0.5"),
+    ({"method": "w8a8", "scheme": "int8", "smoothquant_alpha": None}, "W8A8 int8"),
+    ({"method": "w8a8", "scheme": "fp8"}, "FP8 W8A8"),
+])
+def test_w8a8_steps_through_the_pipeline(tiny_model_dir, corpus_file, step, label):
+    step = dict(step, calibration={"corpus": str(corpus_file), "windows": 4, "window_len": 32})
+    exp = _exp(tiny_model_dir, corpus_file, [step], latency=False, samples=False)
+    assert exp.label() == label
+    m = run_experiment(exp)
+    assert 0 < m["accuracy"]["kl_vs_baseline"] < 0.05 and m["accuracy"]["top1_agreement"] > 0.8
+    assert m["memory"]["weight_bytes"] < m["memory"]["baseline_weight_bytes"]
+    assert len(m["calibration"]) == (1 if "SmoothQuant" in label else 0)
+    if m["calibration"]:
+        assert m["calibration"][0]["smoothed_groups"] > 0
