@@ -288,9 +288,10 @@ def run_calibrated(model: nn.Module, windows: torch.Tensor, method: Observer, de
             layer_bytes = module_bytes(layer)
             if linears:
                 records += method.apply(LayerContext(model, i, name, layer, linears, device, run))
-            with _dequantized(layer, hidden[0].dtype):
-                for w, t in enumerate(calls[i]):
-                    hidden[w] = _run(layer, hidden[w], t)
+            if i < len(layers) - 1:  # the last layer's outputs feed nothing here
+                with _dequantized(layer, hidden[0].dtype):
+                    for w, t in enumerate(calls[i]):
+                        hidden[w] = _run(layer, hidden[w], t)
         tracked = max(tracked, layer_bytes + act_bytes + stats_bytes + tensor_bytes([hidden[-1]]))
         layer.to(home)
     if progress:

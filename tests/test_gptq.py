@@ -180,6 +180,18 @@ def test_pass_replays_each_layer_like_the_model(arch):
             assert (model(w[None]).logits - ref).abs().max() < 0.05 * ref.std() + 1e-4
 
 
+def test_linear_that_sees_no_tokens_falls_back_to_rtn():
+    """E.g. an MoE expert no calibration token was routed to; here a linear the forward never calls."""
+    model = _tiny("llama")
+    model.model.layers[1].mlp.unused = torch.nn.Linear(32, 16)
+    step = SimpleNamespace(bits=4, group_size=None, symmetric=True, skip=["lm_head"])
+    records = quantize_model_gptq(model, step, torch.randint(0, 128, (2, 16)), "cpu")
+    rec = {r["name"]: r for r in records}
+    assert "RTN" in rec["model.layers.1.mlp.unused"]["warning"]
+    assert isinstance(model.model.layers[1].mlp.unused, QuantLinear)
+    assert sum(r["warning"] is not None for r in records) == 1
+
+
 def test_gptq_model_closer_than_rtn(tiny_model_dir, corpus_file):
     import copy
 

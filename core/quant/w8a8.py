@@ -23,7 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedError
-from .linear import Progress, convert_linears, find_linears, replace_linear, shared_weight_names
+from .linear import (
+    Progress,
+    convert_linears,
+    find_linears,
+    replace_linear,
+    shared_weight_names,
+)
 
 INT8_MAX = 127
 FP8 = torch.float8_e4m3fn
@@ -163,7 +169,7 @@ class W8A8Linear(nn.Module):
         return quantize_per_channel_int8(w)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "W8A8Linear":
+    def from_linear(cls, linear: nn.Linear) -> W8A8Linear:
         m = cls(linear.in_features, linear.out_features, bias=False, device="meta")
         m.qweight, m.weight_scale = cls.quantize_weight(linear.weight)
         if linear.bias is not None:
