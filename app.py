@@ -25,6 +25,7 @@ nav = st.navigation([
     st.Page("pages/experiments.py", title="Experiments", icon=":material/list:", url_path="experiments"),
     st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
     st.Page("pages/run_detail.py", title="Run detail", icon=":material/description:", url_path="run"),
+    st.Page("pages/cost_model.py", title="Cost model", icon=":material/calculate:", url_path="cost"),
 ])
 
 with st.sidebar:
