@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 
@@ -43,6 +44,8 @@ def summary(run) -> str:
     if lat:
         tp = ", ".join(f"b{t['batch']}: {t['tokens_per_s']:.1f} tok/s" for t in lat["throughput"])
         lines.append(f"  prefill {lat['prompt_len']} tok: {lat['prefill_ms']['median']:.1f} ms (p90 {lat['prefill_ms']['p90']:.1f})  decode {lat['decode_ms']['median']:.2f} ms/token (p90 {lat['decode_ms']['p90']:.2f})  {tp}  on {lat['device']}")
+    if saved := m.get("saved_model"):
+        lines.append(f"  saved model: {saved['path']} ({_fmt_bytes(saved['bytes'])}); measure it again with: python -m core run --model {shlex.quote(saved['path'])}")
     for note in m.get("notes", []):
         lines.append(f"  note: {note}")
     return "\n".join(lines)
@@ -54,7 +57,7 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("setup", help="fetch and cache the default model and corpus")
     r = sub.add_parser("run", help="run one experiment here and print its metrics")
-    r.add_argument("--model", default=None, help="built-in alias, checkpoint dir, .gguf file or hub id")
+    r.add_argument("--model", default=None, help="built-in alias, checkpoint dir (also a compressed one saved with --save-model), .gguf file or hub id")
     r.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None)
     r.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     r.add_argument("--step", action="append", default=[], help="a step, repeatable for a chain: 'rtn:bits=4,group_size=64,symmetric=false', 'bnb:mode=nf4'")
@@ -65,6 +68,7 @@ def main(argv=None) -> int:
     r.add_argument("--window-len", type=int)
     r.add_argument("--no-latency", action="store_true")
     r.add_argument("--no-samples", action="store_true")
+    r.add_argument("--save-model", action="store_true", help="save the compressed model into the run's artifacts (<artifacts>/<run id>/model); reload it with --model DIR")
     r.add_argument("--batch-sizes", help="comma-separated, e.g. 1,4,16")
     r.add_argument("--repeats", type=int)
     r.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -144,6 +148,8 @@ def _run(args, store) -> int:
         measure["latency"] = False
     if args.no_samples:
         measure["samples"] = False
+    if args.save_model:
+        data["save_model"] = True
     if args.batch_sizes:
         try:
             measure["batch_sizes"] = [int(b) for b in args.batch_sizes.split(",")]

@@ -166,3 +166,22 @@ def samples_by_prompt(runs: Iterable, names: Mapping[str, str] | None = None) ->
         for s in (r.metrics or {}).get("samples") or []:
             out.setdefault(s.get("prompt", ""), {})[name] = s.get("output", "")
     return out
+
+
+BASELINE_ROUNDING = {"gptq": "round to nearest", "awq": "round to nearest", "w8a8": "plain W8A8 (no smoothing, round to nearest)"}
+
+
+def output_error_frame(layers: list[dict]) -> pd.DataFrame:
+    """Per-linear relative output error on the calibration inputs, before (plain rounding) and after the
+    calibrated method, in long form (layer, stage, error) for a grouped bar chart; empty when the run's
+    layers carry no output errors (round-to-nearest and bitsandbytes runs see no calibration data)."""
+    rows = []
+    for r in layers:
+        after, before = r.get("out_rel_error"), r.get("rtn_out_rel_error")
+        if after is None or before is None:
+            continue
+        method = r.get("method", "")
+        rows.append({"layer": r["name"], "stage": f"before: {BASELINE_ROUNDING.get(method, 'round to nearest')}",
+                     "error": before})
+        rows.append({"layer": r["name"], "stage": f"after: {method.upper() or 'method'}", "error": after})
+    return pd.DataFrame(rows, columns=["layer", "stage", "error"])

@@ -28,9 +28,10 @@ _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 @dataclass
 class ModelSource:
     spec: str
-    kind: str  # builtin | dir | gguf | hub
+    kind: str  # builtin | dir | gguf | hub | compressed (a slimlm compressed checkpoint, core/checkpoint.py)
     location: str  # checkpoint directory or hub id
     note: str | None = None
+    checkpoint: dict | None = None  # kind 'compressed': its slimlm_quant.json
 
 
 def torch_dtype(name: str):
@@ -174,8 +175,14 @@ def resolve(spec: str) -> ModelSource:
             convert_gguf(path, out)
         return ModelSource(spec, "gguf", str(out), "Weights dequantized from a GGUF file: if it was quantized, the baseline already carries that error.")
     if path.is_dir():
+        from .checkpoint import QUANT_CONFIG, check_not_partial, compressed_note, read_quant_config
+
+        if (path / QUANT_CONFIG).is_file():
+            meta = read_quant_config(path)
+            return ModelSource(spec, "compressed", str(path), compressed_note(meta), meta)
         if not (path / "config.json").exists():
             raise ModelLoadError(f"{path} is a directory but has no config.json: not a transformers checkpoint.")
+        check_not_partial(path)
         return ModelSource(spec, "dir", str(path))
     if path.exists():
         raise ModelLoadError(f"{path} is a file, not a checkpoint directory or a .gguf file.")
@@ -204,6 +211,12 @@ def load_model(src: ModelSource, dtype: str = "fp32", device: str = "cpu", **kwa
     from transformers import AutoModelForCausalLM
 
     where = src.spec
+    if src.kind == "compressed":
+        from .checkpoint import load_compressed
+
+        if kwargs:
+            raise ModelLoadError(f"{where} is a compressed checkpoint: it loads as saved, not with {', '.join(kwargs)}.")
+        return load_compressed(src.location, device, torch_dtype(dtype))
     try:
         _load_config(src)
         model = AutoModelForCausalLM.from_pretrained(
@@ -225,7 +238,7 @@ def load_model(src: ModelSource, dtype: str = "fp32", device: str = "cpu", **kwa
 
 def model_info(src: ModelSource, model) -> dict:
     cfg = model.config
-    return {
+    info = {
         "spec": src.spec,
         "name": getattr(cfg, "_name_or_path", src.location) if src.kind != "builtin" else BUILTIN_MODELS[src.spec],
         "architecture": (getattr(cfg, "architectures", None) or [type(model).__name__])[0],
@@ -234,3 +247,8 @@ def model_info(src: ModelSource, model) -> dict:
         "layers": getattr(cfg, "num_hidden_layers", None),
         "source_note": src.note,
     }
+    if src.kind == "compressed":
+        from .checkpoint import checkpoint_summary
+
+        info.update(checkpoint_summary(src.location, src.checkpoint or {}))
+    return info

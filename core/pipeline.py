@@ -64,6 +64,12 @@ def _gptq(*args):
     return quantize_model_gptq(*args)
 
 
+def _awq(*args):
+    from .quant.awq import quantize_model_awq
+
+    return quantize_model_awq(*args)
+
+
 def _w8a8(*args):
     from .quant.smoothquant import quantize_model_w8a8_step
 
@@ -74,13 +80,16 @@ def _w8a8(*args):
 STEP_APPLIERS = {
     "rtn": _apply_rtn,
     "gptq": _calibrated(_gptq),
-    "w8a8": _calibrated(_w8a8, lambda s: s.scheme == "int8" and s.smoothquant_alpha is not None),
+    "awq": _calibrated(_awq),
+    "w8a8": _calibrated(_w8a8, lambda s: s.needs_calibration()),
 }
 
 
 def _load(exp: Experiment, src, device: str):
     """Returns (model, reference or None). The reference is the unmodified float32 model,
     kept only when the run changes the model (for KL / top-1 / per-layer error)."""
+    if src.kind == "compressed":  # a saved compressed model, measured as stored (run_experiment refuses steps)
+        return models.load_model(src, exp.dtype, device), None
     first = exp.steps[0] if exp.steps else None
     if first is not None and first.method == "bnb":
         from .quant.bnb import load_with_bnb
@@ -121,12 +130,19 @@ def run_experiment(exp: Experiment, progress=NOOP, artifact_dir: Path | None = N
     progress("load model", 0, 1)
     t = time.perf_counter()
     src = models.resolve(exp.model)
+    if src.kind == "compressed" and exp.steps:
+        from .errors import RecipeError
+
+        raise RecipeError(f"{exp.model} is a compressed checkpoint ({', '.join((src.checkpoint or {}).get('info', {}).get('step_labels') or []) or 'no steps'}): "
+                          "it is measured as stored, so run it without steps; to chain more steps, run the whole chain on its base model.")
     tokenizer = models.load_tokenizer(src)
     windows = data.eval_windows(tokenizer, m.corpus, m.window_len, m.eval_windows)  # fail early on bad data
     model, reference = _load(exp, src, device)
     timings["load_s"] = time.perf_counter() - t
     info = models.model_info(src, reference if reference is not None else model)
     baseline_bytes = module_bytes(reference if reference is not None else model)
+    if src.kind == "compressed":  # the float model it was made from, as recorded when it was saved
+        baseline_bytes = ((src.checkpoint or {}).get("info") or {}).get("baseline_weight_bytes") or baseline_bytes
 
     t = time.perf_counter()
     layers: list[dict] = []
@@ -140,6 +156,14 @@ def run_experiment(exp: Experiment, progress=NOOP, artifact_dir: Path | None = N
         progress(f"step {i + 1}/{len(exp.steps)}: {step.label()}", 0, 1)
         layers += STEP_APPLIERS[step.method](model, step, ctx)
     timings["compress_s"] = time.perf_counter() - t
+    saved_model = None
+    if exp.save_model and artifact_dir is not None:
+        from .checkpoint import save_run_model
+
+        progress("save model", 0, 1)
+        t = time.perf_counter()
+        saved_model = save_run_model(exp, src, model, tokenizer, info, baseline_bytes, Path(artifact_dir) / "model")
+        timings["save_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     accuracy = evaluate(model, windows, reference, progress)
@@ -174,9 +198,12 @@ def run_experiment(exp: Experiment, progress=NOOP, artifact_dir: Path | None = N
     notes = [src.note] if src.note else []
     if any(s.method == "rtn" for s in exp.steps) and device == "cpu":
         notes.append("RTN layers run the reference path here (dequantize, then matmul): memory shrinks, decode does not get faster on CPU.")
+    if exp.save_model and artifact_dir is None:
+        notes.append("The model was not saved: this run has no artifact directory (in-process use without a store).")
     metrics = {
         "accuracy": accuracy, "memory": mem, "latency": latency, "layers": layers, "samples": samples,
         "calibration": ctx.calibration, "env": environment(device), "timings": timings, "model": info, "notes": notes,
+        "saved_model": saved_model,
     }
     if artifact_dir is not None:
         (Path(artifact_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))

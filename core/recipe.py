@@ -69,7 +69,7 @@ class GPTQStep(_WeightQuantStep):
 
     method: Literal["gptq"] = "gptq"
     group_size: int | None = 128
-    act_order: bool = False
+    act_order: bool = Field(True, description="quantize columns by decreasing Hessian diagonal, with static groups")
     damp: float = Field(0.01, gt=0, le=1)
     block_size: int = Field(128, ge=1, le=8192)
     calibration: CalibrationOptions = Field(default_factory=CalibrationOptions)
@@ -78,20 +78,42 @@ class GPTQStep(_WeightQuantStep):
         return f"GPTQ {self._format()}{' act-order' if self.act_order else ''}"
 
 
-class W8A8Step(_Strict):
-    """8-bit weights AND activations (dynamic per-token scales): int8 with optional SmoothQuant
-    smoothing (alpha; empty = none), or FP8 E4M3."""
+class AWQStep(_WeightQuantStep):
+    """AWQ (Lin et al. 2023): activation-aware per-channel scales (searched over n_grid values of alpha, folded
+    into the preceding norm / linear) and per-group range clipping, layer by layer on calibration data, then RTN.
+    Symmetric by default like the other methods here; AutoAWQ defaults to asymmetric (zero point), group 128."""
 
-    method: Literal["w8a8"] = "w8a8"
-    scheme: Literal["int8", "fp8"] = "int8"
-    smoothquant_alpha: float | None = Field(0.5, ge=0, le=1)
-    skip: list[str] = Field(default_factory=lambda: ["lm_head"])
+    method: Literal["awq"] = "awq"
+    group_size: int | None = 64
+    n_grid: int = Field(20, ge=1, le=100)
+    clip: bool = True
     calibration: CalibrationOptions = Field(default_factory=CalibrationOptions)
 
     def label(self) -> str:
-        if self.scheme == "fp8":
-            return "FP8 W8A8"
-        return "W8A8 int8" + ("" if self.smoothquant_alpha is None else f" SmoothQuant a={self.smoothquant_alpha:g}")
+        return f"AWQ {self._format()}{'' if self.clip else ' no-clip'}"
+
+
+class W8A8Step(_Strict):
+    """8-bit weights AND activations (dynamic per-token scales), int8 or FP8 E4M3, per-output-channel weight
+    scales; optional SmoothQuant smoothing (alpha in [0, 1], "auto" = searched per group of linears on the
+    calibration data, empty = none); weights rounded by GPTQ (calibrated) or to nearest."""
+
+    method: Literal["w8a8"] = "w8a8"
+    scheme: Literal["int8", "fp8"] = "int8"
+    smoothquant_alpha: Literal["auto"] | Annotated[float, Field(ge=0, le=1)] | None = "auto"
+    weight_rounding: Literal["gptq", "rtn"] = "gptq"
+    damp: float = Field(0.01, gt=0, le=1)
+    skip: list[str] = Field(default_factory=lambda: ["lm_head"])
+    calibration: CalibrationOptions = Field(default_factory=CalibrationOptions)
+
+    def needs_calibration(self) -> bool:
+        return self.weight_rounding == "gptq" or self.smoothquant_alpha is not None
+
+    def label(self) -> str:
+        a = self.smoothquant_alpha
+        smooth = "" if a is None else f" SmoothQuant a={a if a == 'auto' else format(a, 'g')}"
+        return f"W8A8 {self.scheme.upper() if self.scheme == 'fp8' else self.scheme}{smooth}" + \
+            (" GPTQ" if self.weight_rounding == "gptq" else "")
 
 
 class BnbStep(_Strict):
@@ -114,8 +136,8 @@ class BnbStep(_Strict):
         return "bnb LLM.int8" if self.mode == "int8" else f"bnb {self.mode.upper()}{' +DQ' if self.double_quant else ''}"
 
 
-Step = Annotated[Union[RTNStep, GPTQStep, W8A8Step, BnbStep], Field(discriminator="method")]
-STEP_TYPES = {"rtn": RTNStep, "gptq": GPTQStep, "w8a8": W8A8Step, "bnb": BnbStep}
+Step = Annotated[Union[RTNStep, GPTQStep, AWQStep, W8A8Step, BnbStep], Field(discriminator="method")]
+STEP_TYPES = {"rtn": RTNStep, "gptq": GPTQStep, "awq": AWQStep, "w8a8": W8A8Step, "bnb": BnbStep}
 
 
 class MeasureOptions(_Strict):
@@ -149,6 +171,15 @@ class Experiment(_Strict):
     steps: list[Step] = Field(default_factory=list)
     measure: MeasureOptions = Field(default_factory=MeasureOptions)
     name: str | None = None
+    save_model: bool = Field(False, description="save the compressed model (core/checkpoint.py) into the run's artifacts")
+
+    @field_validator("save_model")
+    @classmethod
+    def _save(cls, v: bool, info) -> bool:
+        if v and any(s.method == "bnb" for s in info.data.get("steps") or []):
+            raise ValueError("a bitsandbytes model cannot be saved (it quantizes while loading): "
+                             "turn save_model off for this run")
+        return v
 
     @field_validator("model")
     @classmethod

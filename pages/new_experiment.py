@@ -27,11 +27,15 @@ PRESETS = [
      "Calibrated layer by layer on 32 windows × 256 tokens of the Brown calibration split."),
     ("gptq3g64", "GPTQ int3 g64", [{"method": "gptq", "bits": 3, "group_size": 64}], None,
      "Where GPTQ's error compensation matters most: compare with RTN int3 g64."),
-    ("sq_w8a8", "SmoothQuant W8A8 int8", [{"method": "w8a8", "scheme": "int8", "smoothquant_alpha": 0.5}], None,
-     "int8 weights and per-token int8 activations; activation outliers moved into the weights (alpha 0.5), "
-     "statistics from 32 calibration windows."),
+    ("awq4g64", "AWQ int4 g64", [{"method": "awq", "bits": 4, "group_size": 64}], None,
+     "Activation-aware scaling and weight clipping, searched layer by layer on 32 windows × 256 tokens of the "
+     "Brown calibration split, then round-to-nearest (same storage as RTN)."),
+    ("sq_w8a8", "SmoothQuant W8A8 int8", [{"method": "w8a8", "scheme": "int8"}], None,
+     "int8 weights (per channel, GPTQ-rounded) and per-token int8 activations; activation outliers moved into "
+     "the weights with a smoothing strength searched per group of layers on 32 calibration windows."),
     ("fp8_w8a8", "FP8 W8A8 (E4M3)", [{"method": "w8a8", "scheme": "fp8"}], None,
-     "FP8 weights and per-token FP8 activations. Real FP8 matmuls need a recent GPU; elsewhere a reference path."),
+     "FP8 weights (per channel, GPTQ-rounded) and per-token FP8 activations, smoothing searched like SmoothQuant's. "
+     "Real FP8 matmuls need a recent GPU; elsewhere a reference path."),
     ("bnb_int8", "bitsandbytes LLM.int8", [{"method": "bnb", "mode": "int8"}], "int8", None),
     ("bnb_nf4", "bitsandbytes NF4", [{"method": "bnb", "mode": "nf4"}], "nf4", None),
     ("bnb_fp4", "bitsandbytes FP4", [{"method": "bnb", "mode": "fp4"}], "fp4", None),
@@ -92,8 +96,9 @@ with left:
 
     with st.container(border=True):
         custom = st.checkbox("Custom weight-quantization setting", key="custom_on")
-        method = st.radio("Method", ["rtn", "gptq"], key="custom_method", horizontal=True, disabled=not custom,
-                          format_func={"rtn": "RTN (round to nearest)", "gptq": "GPTQ (calibrated)"}.get)
+        method = st.radio("Method", ["rtn", "gptq", "awq"], key="custom_method", horizontal=True, disabled=not custom,
+                          format_func={"rtn": "RTN (round to nearest)", "gptq": "GPTQ (calibrated)",
+                                       "awq": "AWQ (calibrated)"}.get)
         c1, c2, c3 = st.columns(3)
         bits = c1.number_input("Bits", value=4, step=1, key="custom_bits", disabled=not custom,
                                help="2 to 8 bits per weight.")
@@ -108,22 +113,45 @@ with left:
         skip = st.text_input("Keep unquantized (comma-separated layer names)", value="lm_head",
                              key="custom_skip", disabled=not custom)
         gptq_on = custom and method == "gptq"
+        calibrated = custom and method in ("gptq", "awq")
         c1, c2, c3, c4 = st.columns(4)
-        act_order = c1.checkbox("Act-order", key="custom_act_order", disabled=not gptq_on,
+        act_order = c1.checkbox("Act-order", value=True, key="custom_act_order", disabled=not gptq_on,
                                 help="Quantize columns in order of decreasing input energy (static groups).")
         damp = c2.number_input("Damping", value=0.01, step=0.005, format="%.3f", key="custom_damp", disabled=not gptq_on,
                                help="Fraction of the mean Hessian diagonal added for stability (raised automatically if needed).")
         calib_windows = c3.number_input("Calibration windows", value=32, step=1, key="custom_calib_windows",
-                                        disabled=not gptq_on)
-        calib_len = c4.number_input("Window length", value=256, step=1, key="custom_calib_len", disabled=not gptq_on)
+                                        disabled=not calibrated)
+        calib_len = c4.number_input("Window length", value=256, step=1, key="custom_calib_len", disabled=not calibrated)
         name = st.text_input("Name (optional)", key="custom_name", disabled=not custom)
         if custom:
             step = {"method": method, "bits": int(bits), "group_size": None if per_channel else int(group),
                     "symmetric": symmetric, "skip": [s.strip() for s in skip.split(",") if s.strip()]}
             if gptq_on:
-                step |= {"act_order": act_order, "damp": float(damp),
-                         "calibration": {"windows": int(calib_windows), "window_len": int(calib_len)}}
+                step |= {"act_order": act_order, "damp": float(damp)}
+            if calibrated:
+                step |= {"calibration": {"windows": int(calib_windows), "window_len": int(calib_len)}}
             selected.append((name or f"Custom {method.upper()}", [step], name.strip() or None))
+
+    with st.container(border=True):
+        w8_on = st.checkbox("Custom W8A8 setting (8-bit weights and activations)", key="w8_on")
+        c1, c2, c3 = st.columns(3)
+        w8_scheme = c1.radio("Format", ["int8", "fp8"], key="w8_scheme", disabled=not w8_on,
+                             format_func={"int8": "int8", "fp8": "FP8 (E4M3)"}.get)
+        w8_smooth = c2.radio("Smoothing (SmoothQuant)", ["auto", "fixed", "none"], key="w8_smooth",
+                             disabled=not w8_on, help="auto: the strength alpha is searched per group of layers "
+                             "on the calibration data (smallest W8A8 output error); fixed: one alpha for all.")
+        w8_alpha = c2.slider("alpha", 0.0, 1.0, 0.5, 0.05, key="w8_alpha",
+                             disabled=not w8_on or w8_smooth != "fixed")
+        w8_round = c3.radio("Weight rounding", ["gptq", "rtn"], key="w8_round", disabled=not w8_on,
+                            format_func={"gptq": "GPTQ (calibrated)", "rtn": "round to nearest"}.get)
+        c1, c2 = st.columns(2)
+        w8_windows = c1.number_input("Calibration windows", value=32, step=1, key="w8_windows", disabled=not w8_on)
+        w8_len = c2.number_input("Window length", value=256, step=1, key="w8_len", disabled=not w8_on)
+        if w8_on:
+            alpha = {"auto": "auto", "fixed": float(w8_alpha), "none": None}[w8_smooth]
+            w8_step = {"method": "w8a8", "scheme": w8_scheme, "smoothquant_alpha": alpha, "weight_rounding": w8_round,
+                       "calibration": {"windows": int(w8_windows), "window_len": int(w8_len)}}
+            selected.append(("Custom W8A8", [w8_step], None))
 
 with right:
     st.subheader("Measurement")
@@ -157,6 +185,12 @@ measure = {
     "samples": samples, "sample_tokens": int(sample_tokens),
 }
 
+save_model = st.checkbox(
+    "Save the compressed model", key="save_model",
+    help="Each run that compresses the model (not the baseline, not bitsandbytes) saves it in its artifacts "
+         "folder (safetensors + a quantization config; deleted with the run). Run detail shows where, and the "
+         "command that measures it again without recompressing.")
+
 st.divider()
 n = len(selected)
 if st.button(f"Run {n} experiment{'s' * (n != 1)}", type="primary", disabled=not n, key="submit"):
@@ -164,7 +198,9 @@ if st.button(f"Run {n} experiment{'s' * (n != 1)}", type="primary", disabled=not
     for label, steps, exp_name in selected:
         try:
             experiments.append(parse_experiment({"model": model, "dtype": dtype, "device": device,
-                                                 "steps": steps, "measure": measure, "name": exp_name}))
+                                                 "steps": steps, "measure": measure, "name": exp_name,
+                                                 "save_model": save_model and bool(steps)
+                                                 and not any(s["method"] == "bnb" for s in steps)}))
         except RecipeError as e:
             errors.append(f"**{label}** — {e}")
     if errors:

@@ -1,4 +1,5 @@
 """Run detail (?run=ID): everything recorded for one run."""
+import shlex
 from datetime import datetime
 
 import pandas as pd
@@ -6,6 +7,7 @@ import plotly.express as px
 import streamlit as st
 
 from core import jobs
+from core.compare import output_error_frame
 from core.store import Store
 
 store = st.session_state.get("store") or Store()
@@ -82,6 +84,10 @@ def detail(run_id: str):
         c[4].metric("Compression", _num(mem.get("compression"), ".2f") + ("x" if mem.get("compression") else ""))
         c[5].metric("Decode ms/token", _num((lat.get("decode_ms") or {}).get("median"), ".2f"),
                     help="median per-token decode latency at batch 1")
+    if saved := m.get("saved_model"):
+        st.write(f"Compressed model saved in `{saved['path']}` ({_mib(saved.get('bytes'))} on disk). "
+                 "Measure it again, or use it in another run, without recompressing:")
+        st.code(f"python -m core run --model {shlex.quote(saved['path'])}", language="bash")
 
     tabs = st.tabs(["Accuracy & memory", "Layers", "Latency", "Samples", "Settings", "Environment"])
     with tabs[0]:
@@ -108,6 +114,14 @@ def detail(run_id: str):
             st.info("No quantized layers (a baseline, or not measured yet).")
         else:
             layers["shape"] = layers["shape"].astype(str)
+            out_err = output_error_frame(m.get("layers") or [])
+            if not out_err.empty:
+                st.write("Relative output error of each linear on the calibration inputs, "
+                         "‖XWᵀ − X̂Ŵᵀ‖ / ‖XWᵀ‖, before and after the calibrated method:")
+                fig = px.bar(out_err, x="layer", y="error", color="stage", barmode="group",
+                             labels={"error": "relative output error"})
+                fig.update_layout(height=420, margin=dict(t=20), xaxis_tickangle=-60, legend_title_text="")
+                st.plotly_chart(fig, key="out_error_chart")
             fig = px.bar(layers, x="name", y="rel_error", color="kind" if "kind" in layers else None,
                          hover_data=[c for c in ("shape", "bits", "group_size", "bytes") if c in layers],
                          labels={"name": "layer", "rel_error": "relative weight error ‖W−Ŵ‖/‖W‖"})

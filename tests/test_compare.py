@@ -101,3 +101,16 @@ def test_samples_by_prompt():
     runs = [make_run("a", samples=[{"prompt": "P1", "output": "x"}, {"prompt": "P2", "output": "y"}]),
             make_run("b", samples=[{"prompt": "P1", "output": "z"}])]
     assert samples_by_prompt(runs, {"a": "A", "b": "B"}) == {"P1": {"A": "x", "B": "z"}, "P2": {"A": "y"}}
+
+
+def test_output_error_frame():
+    from core.compare import output_error_frame
+
+    layers = [{"name": "a", "method": "gptq", "out_rel_error": 0.1, "rtn_out_rel_error": 0.2},
+              {"name": "b", "method": "w8a8", "out_rel_error": 0.01, "rtn_out_rel_error": 0.03},
+              {"name": "c", "rel_error": 0.05}]  # RTN: no calibration data, no output error
+    df = output_error_frame(layers)
+    assert list(df["layer"]) == ["a", "a", "b", "b"]
+    assert list(df["error"]) == [0.2, 0.1, 0.03, 0.01]
+    assert df["stage"].iloc[1] == "after: GPTQ" and "no smoothing" in df["stage"].iloc[2]
+    assert output_error_frame([{"name": "c", "rel_error": 0.05}]).empty

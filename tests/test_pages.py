@@ -155,6 +155,24 @@ def test_new_experiment_custom_gptq(store, submitted):
     assert exp.label() == "GPTQ int3 g64 sym act-order" and exp.steps[0].calibration.windows == 8
 
 
+def test_new_experiment_custom_w8a8(store, submitted):
+    at = app()
+    for key in ("preset_baseline", "preset_rtn8", "preset_rtn4g64"):
+        at.checkbox(key=key).uncheck()
+    at.checkbox(key="w8_on").check().run()
+    at.radio(key="w8_scheme").set_value("fp8")
+    at.radio(key="w8_smooth").set_value("fixed").run()
+    at.slider(key="w8_alpha").set_value(0.65)
+    at.radio(key="w8_round").set_value("rtn")
+    at.number_input(key="w8_windows").set_value(8)
+    at.button(key="submit").click().run()
+    assert not at.exception and not at.error
+    (exp,) = submitted
+    step = exp.steps[0]
+    assert (step.scheme, step.smoothquant_alpha, step.weight_rounding, step.calibration.windows) == ("fp8", 0.65, "rtn", 8)
+    assert exp.label() == "W8A8 FP8 SmoothQuant a=0.65"
+
+
 def test_experiments_lists_runs_and_shows_errors(filled):
     at = app("pages/experiments.py")
     table = at.dataframe[0].value
@@ -200,6 +218,16 @@ def test_run_detail_done(filled):
     assert at.title[0].value == "RTN int4 g64 sym"
     assert len(at.get("plotly_chart")) == 1  # per-layer error
     assert str(Path(Store().artifacts) / filled["int4"]) in texts(at, "code")
+
+
+def test_run_detail_output_error_before_after(store):
+    m = make_metrics(16.1, 110_000_000, 26.0, bits=4, group_size=64, kl=0.07, top1=0.88)
+    for i, r in enumerate(m["layers"]):
+        r.update(method="gptq", out_rel_error=0.02 + 0.001 * i, rtn_out_rel_error=0.04 + 0.001 * i)
+    run = add_run(store, [{"method": "gptq", "bits": 4, "group_size": 64}], metrics=m)
+    at = app("pages/run_detail.py", run=run)
+    assert len(at.get("plotly_chart")) == 2  # output error before/after + weight error
+    assert "before and after the calibrated method" in texts(at, "markdown")
 
 
 def test_run_detail_failed_shows_error(filled):

@@ -152,18 +152,23 @@ def test_gptq_step_through_the_pipeline_and_cli(tiny_model_dir, corpus_file, tmp
     assert "GPTQ int4 g32 sym" in r.stdout
 
 
-@pytest.mark.parametrize("step, label", [
-    ({"method": "w8a8", "scheme": "int8"}, "W8A8 int8 SmoothQuant a=0.5"),
-    ({"method": "w8a8", "scheme": "int8", "smoothquant_alpha": None}, "W8A8 int8"),
-    ({"method": "w8a8", "scheme": "fp8"}, "FP8 W8A8"),
+@pytest.mark.parametrize("step, label, calibrated", [
+    ({"method": "w8a8", "scheme": "int8"}, "W8A8 int8 SmoothQuant a=auto GPTQ", True),
+    ({"method": "w8a8", "scheme": "int8", "smoothquant_alpha": 0.5, "weight_rounding": "rtn"},
+     "W8A8 int8 SmoothQuant a=0.5", True),
+    ({"method": "w8a8", "scheme": "int8", "smoothquant_alpha": None, "weight_rounding": "rtn"}, "W8A8 int8", False),
+    ({"method": "w8a8", "scheme": "fp8", "smoothquant_alpha": None}, "W8A8 FP8 GPTQ", True),
 ])
-def test_w8a8_steps_through_the_pipeline(tiny_model_dir, corpus_file, step, label):
+def test_w8a8_steps_through_the_pipeline(tiny_model_dir, corpus_file, step, label, calibrated):
     step = dict(step, calibration={"corpus": str(corpus_file), "windows": 4, "window_len": 32})
     exp = _exp(tiny_model_dir, corpus_file, [step], latency=False, samples=False)
     assert exp.label() == label
     m = run_experiment(exp)
     assert 0 < m["accuracy"]["kl_vs_baseline"] < 0.05 and m["accuracy"]["top1_agreement"] > 0.8
     assert m["memory"]["weight_bytes"] < m["memory"]["baseline_weight_bytes"]
-    assert len(m["calibration"]) == (1 if "SmoothQuant" in label else 0)
-    if m["calibration"]:
-        assert m["calibration"][0]["smoothed_groups"] > 0
+    assert len(m["calibration"]) == (1 if calibrated else 0)
+    if calibrated:
+        assert m["calibration"][0]["tokens"] == 4 * 32
+        assert all(r["out_rel_error"] is not None for r in m["layers"] if r["name"] != "lm_head")
+    if "SmoothQuant" in label:
+        assert m["calibration"][0]["smoothed_linears"] > 0

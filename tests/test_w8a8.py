@@ -259,3 +259,84 @@ def test_smooth_model_exact_in_float_and_helps_int8(kv_heads):
     fast = _logits(smoothed, ids)
     set_fast_path(smoothed, False)  # the reference integer path gives the same logits
     assert torch.equal(_logits(smoothed, ids), fast)
+
+
+# --- calibrated W8A8: GPTQ rounding onto the int8 / FP8 grid, alpha search, the one-pass step ------------
+
+def _correlated_layer(out=48, inp=80, tokens=400, seed=3):
+    g = _gen(seed)
+    W = torch.randn(out, inp, generator=g, dtype=torch.float64)
+    mix = torch.eye(inp, dtype=torch.float64) + torch.randn(inp, inp, generator=g, dtype=torch.float64) / inp**0.5
+    X = torch.randn(tokens, inp, generator=g, dtype=torch.float64) @ mix * torch.linspace(0.2, 3, inp, dtype=torch.float64)
+    return W, X
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_gptq_round_onto_w8a8_grid(scheme):
+    from core.quant.gptq import gptq_round
+    from core.quant.w8a8 import channel_scale, quantize_with_scale
+
+    W, X = _correlated_layer()
+    H = 2 / X.shape[0] * X.T @ X
+    scale = channel_scale(W, scheme)
+
+    def grid(w):
+        return quantize_with_scale(w, scale, scheme).float() * scale[:, None]
+
+    w_hat, info = gptq_round(W, H, grid)
+    rtn = grid(W)
+    err = lambda q: float(torch.linalg.norm(X @ W.T - X @ q.double().T))  # noqa: E731
+    assert err(w_hat) < 0.8 * err(rtn) and info["out_rel_error"] < info["rtn_out_rel_error"]
+    assert torch.equal(grid(w_hat), w_hat)  # on the grid: the stored codes reproduce it exactly
+    assert torch.equal(quantize_with_scale(w_hat, scale, scheme).float() * scale[:, None], w_hat)
+
+
+def test_smoothed_hessian_is_the_hessian_of_smoothed_inputs():
+    _, X = _correlated_layer()
+    s = torch.rand(X.shape[1], generator=_gen(4), dtype=torch.float64) + 0.1
+    H = X.T @ X
+    assert torch.allclose(H / s[:, None] / s[None, :], (X / s).T @ (X / s))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_search_alpha_never_worse_than_fixed_or_none(scheme):
+    from core.quant.w8a8 import group_scales, search_alpha, w8a8_output_error
+
+    g = _gen(5)
+    x = torch.randn(256, 64, generator=g)
+    x[:, [3, 30]] *= 40  # outlier channels
+    weights = [torch.randn(32, 64, generator=g), torch.randn(16, 64, generator=g)]
+    absmax = x.abs().amax(0)
+    alpha, errors = search_alpha(x, absmax, weights, scheme)
+    assert errors[alpha] == min(errors.values()) and None in errors and 0.5 in errors
+    assert errors[alpha] <= w8a8_output_error(x, weights, scheme, group_scales(absmax, weights, 0.5))
+    if scheme == "int8":
+        assert alpha is not None and errors[alpha] < 0.5 * errors[None]  # outliers: smoothing must help
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_calibrated_w8a8_step_beats_plain(scheme):
+    from types import SimpleNamespace
+
+    from core.quant.smoothquant import quantize_model_w8a8_step
+
+    model = _tiny_llama(kv_heads=4)
+    with torch.no_grad():  # activation outlier channels, as real LLMs have
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[[3, 17, 40]] *= 50
+    ids, calib = _ids(), _ids(n=8, seed=2)
+    ref = _logits(model, ids)
+    plain = copy.deepcopy(model)
+    quantize_model_w8a8(plain, scheme)
+    calib_cfg = SimpleNamespace(windows=8)
+    step = SimpleNamespace(scheme=scheme, smoothquant_alpha="auto", weight_rounding="gptq", damp=0.01,
+                           skip=["lm_head"], calibration=calib_cfg)
+    records = quantize_model_w8a8_step(model, step, calib, "cpu")
+    assert len(records) == 2 * 7 and records.stats["tokens"] == 8 * 24
+    assert all(isinstance(model.get_submodule(r["name"]), FP8Linear if scheme == "fp8" else W8A8Linear) for r in records)
+    assert all(r["out_rel_error"] <= r["rtn_out_rel_error"] * 1.05 for r in records)
+    err, err_plain = _rel(_logits(model, ids), ref), _rel(_logits(plain, ids), ref)
+    assert err < 0.7 * err_plain, (err, err_plain)
+    if scheme == "int8":
+        assert records.stats["smoothed_linears"] > 0

@@ -8,6 +8,7 @@ core.quant.rtn (QuantizedWeight), so QuantLinear and memory accounting are the s
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -44,6 +45,93 @@ def _output_error(weight: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) ->
     return math.sqrt(max(num.item(), 0.0) / den.item()) if den.item() > 0 else float("nan")
 
 
+def error_feedback(W: torch.Tensor, Hinv: torch.Tensor, round_column, block_size: int = 128) -> None:
+    """GPTQ's column loop, for any rounding: columns of W [out, n] (float32, modified in place) are rounded
+    in order by round_column(col, w [out, 1], upcoming) -> the rounded column, and each column's error is
+    spread onto the columns not yet rounded through Hinv (upper Cholesky factor of H^-1), lazily per block.
+    upcoming(k) gives the next k columns' current (error-updated) values, from col on."""
+    n = W.shape[1]
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.empty_like(W1)
+        for i in range(i2 - i1):
+            w = W1[:, i:i + 1]
+            upcoming = lambda k, i=i: torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :k]  # noqa: E731
+            err = (w - round_column(i1 + i, w, upcoming)) / Hinv1[i, i]
+            W1[:, i:] -= err * Hinv1[i:i + 1, i:]
+            Err1[:, i:i + 1] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+
+def _prepare(W0: torch.Tensor, H0: torch.Tensor, damp: float, act_order: bool, info: dict):
+    """-> (W, Hinv, perm): a float32 copy of W0 with columns in processing order (by decreasing diag H when
+    act_order), the upper Cholesky factor of the damped H^-1 in the same order, the permutation or None.
+    Hinv is None when H carries no signal or stays indefinite (info["warning"] says so: use RTN)."""
+    if not torch.isfinite(H0).all() or not (H0.diagonal() > 0).any():
+        info["warning"] = "no calibration signal reached this layer (Hessian all zero or not finite): fell back to RTN"
+        return W0, None, None
+    H, W = H0.clone(), W0.clone()
+    dead = H.diagonal() == 0
+    # The reference zeroes dead columns; keeping them (rounded like RTN, spreading no error: their row of H
+    # is decoupled) is as good on the calibration data and stays right for inputs it never saw.
+    H[dead, dead] = 1
+    perm = torch.argsort(H.diagonal(), descending=True) if act_order else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    Hinv, used = _inverse_cholesky(H, damp)
+    if Hinv is None:
+        info["warning"] = f"Hessian not positive definite even with damp={used:g}: fell back to RTN"
+        return W0, None, None
+    info["damp"] = used
+    if used != damp:
+        info["warning"] = f"Hessian not positive definite with damp={damp:g}: raised damping to {used:g}"
+    return W, Hinv, perm
+
+
+@contextmanager
+def _one_thread(device: torch.device):
+    """The column loop is thousands of small ops: on CPU, handing each to several threads costs more than it
+    saves (measured 13x slower with 2 threads than 1 on a busy 2-core machine). Process-wide while it runs."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, round_values, damp: float = 0.01,
+               block_size: int = 128, act_order: bool = True) -> tuple[torch.Tensor, dict]:
+    """GPTQ onto a grid that does not depend on the column (e.g. int8 / FP8 with one float32 scale per output
+    channel, fixed from the unrounded weight): round_values(w [out, k]) -> w rounded elementwise onto it.
+    Returns the rounded float32 weight in the original column order (on the grid, so rounding it again
+    changes nothing) and info like gptq_quantize's, with round_values(weight) (RTN) as the baseline."""
+    W0 = weight.detach().float()
+    H0 = hessian.detach().to(device=W0.device, dtype=torch.float32)
+    info = dict(_NO_INFO)
+    rtn = round_values(W0)
+    with _one_thread(W0.device):
+        W, Hinv, perm = _prepare(W0, H0, damp, act_order, info)
+        if Hinv is None:
+            return rtn, info
+        out = torch.empty_like(W)
+
+        def round_column(col, w, upcoming):
+            out[:, col:col + 1] = round_values(w)
+            return out[:, col:col + 1]
+
+        error_feedback(W, Hinv, round_column, block_size)
+    if perm is not None:
+        out = out[:, torch.argsort(perm)]
+    info["out_rel_error"] = _output_error(W0, out, H0)
+    info["rtn_out_rel_error"] = _output_error(W0, rtn, H0)
+    return out, info
+
+
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None = None,
                   symmetric: bool = True, damp: float = 0.01, block_size: int = 128, act_order: bool = False,
                   static_groups: bool = False) -> tuple[QuantizedWeight, dict]:
@@ -58,16 +146,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be between 2 and 8, got {bits}")
-    if weight.device.type != "cpu":
+    with _one_thread(weight.device):
         return _gptq(weight, hessian, bits, group_size, symmetric, damp, block_size, act_order, static_groups)
-    # The column loop is thousands of small ops: on CPU, handing each to several threads costs more than it
-    # saves (measured 13x slower with 2 threads than 1 on a busy 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _gptq(weight, hessian, bits, group_size, symmetric, damp, block_size, act_order, static_groups)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _gptq(weight, hessian, bits, group_size, symmetric, damp, block_size, act_order, static_groups):
@@ -77,58 +157,36 @@ def _gptq(weight, hessian, bits, group_size, symmetric, damp, block_size, act_or
     gs = effective_group_size(n, group_size)
     rtn = quantize_rtn(W0, bits, gs, symmetric)
     info = dict(_NO_INFO)
-    if not torch.isfinite(H0).all() or not (H0.diagonal() > 0).any():
-        info["warning"] = "no calibration signal reached this layer (Hessian all zero or not finite): fell back to RTN"
-        return rtn, info
 
-    H, W = H0.clone(), W0.clone()
-    dead = H.diagonal() == 0
-    # The reference zeroes dead columns; keeping them (rounded like RTN, spreading no error: their row of H
-    # is decoupled) is as good on the calibration data and stays right for inputs it never saw.
-    H[dead, dead] = 1
+    W, Hinv, perm = _prepare(W0, H0, damp, act_order, info)
+    if Hinv is None:
+        return rtn, info
     static = act_order or static_groups or gs == n
     n_groups = -(-n // gs)
     if static:
-        scales, zeros = compute_qparams(W, bits, gs, symmetric)
+        scales, zeros = compute_qparams(W0, bits, gs, symmetric)
     else:
         scales = torch.empty(out_f, n_groups, dtype=torch.float16, device=W.device)
         zeros = None if symmetric else torch.empty(out_f, n_groups, dtype=torch.uint8, device=W.device)
-    perm = torch.argsort(H.diagonal(), descending=True) if act_order else None
-    if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
     group_of = (perm if perm is not None else torch.arange(n, device=W.device)).div(gs, rounding_mode="floor").tolist()
 
-    Hinv, used = _inverse_cholesky(H, damp)
-    del H
-    if Hinv is None:
-        info["warning"] = f"Hessian not positive definite even with damp={used:g}: fell back to RTN"
-        return rtn, info
-    info["damp"] = used
-    if used != damp:
-        info["warning"] = f"Hessian not positive definite with damp={damp:g}: raised damping to {used:g}"
-
     codes = torch.empty(out_f, n, dtype=torch.uint8, device=W.device)
-    for i1 in range(0, n, block_size):
-        i2 = min(i1 + block_size, n)
-        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
-        Err1 = torch.empty_like(W1)
-        for i in range(i2 - i1):
-            col, g = i1 + i, group_of[i1 + i]
-            if not static and col % gs == 0:
-                # from the current (error-updated) values, also when a group starts mid-block
-                cur = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
-                s, z = compute_qparams(cur, bits, cur.shape[1], symmetric)
-                scales[:, g:g + 1] = s
-                if zeros is not None:
-                    zeros[:, g:g + 1] = z
-            s, z = scales[:, g:g + 1], None if zeros is None else zeros[:, g:g + 1]
-            w = W1[:, i:i + 1]
-            q = quantize_codes(w, s, z, bits, 1)
-            codes[:, col] = q[:, 0]
-            err = (w - dequantize(q, s, z, bits, 1)) / Hinv1[i, i]
-            W1[:, i:] -= err * Hinv1[i:i + 1, i:]
-            Err1[:, i:i + 1] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    def round_column(col, w, upcoming):
+        g = group_of[col]
+        if not static and col % gs == 0:
+            # from the current (error-updated) values, also when a group starts mid-block
+            cur = upcoming(gs)
+            s, z = compute_qparams(cur, bits, cur.shape[1], symmetric)
+            scales[:, g:g + 1] = s
+            if zeros is not None:
+                zeros[:, g:g + 1] = z
+        s, z = scales[:, g:g + 1], None if zeros is None else zeros[:, g:g + 1]
+        q = quantize_codes(w, s, z, bits, 1)
+        codes[:, col] = q[:, 0]
+        return dequantize(q, s, z, bits, 1)
+
+    error_feedback(W, Hinv, round_column, block_size)
 
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]

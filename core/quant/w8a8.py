@@ -71,6 +71,25 @@ def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return (x / s).clamp_(-FP8_MAX, FP8_MAX).to(FP8), s
 
 
+def channel_scale(w: torch.Tensor, scheme: str) -> torch.Tensor:
+    """float32 scale per output channel of w [out, in]: absmax / 127 (int8) or / 448 (fp8)."""
+    return _absmax_scale(w.detach().float(), INT8_MAX if scheme == "int8" else FP8_MAX).squeeze(1)
+
+
+def quantize_with_scale(w: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
+    """w [out, k] -> int8 / float8_e4m3fn codes on the grid of a given per-row scale [out]."""
+    x = w.float() / scale[:, None]
+    if scheme == "int8":
+        return torch.round(x).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return x.clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def fake_quantize_activations(x: torch.Tensor, scheme: str) -> torch.Tensor:
+    """What a W8A8 layer's matmul sees of its input x [tokens, in]: per-token quantized and dequantized."""
+    q, s = (quantize_per_token_int8 if scheme == "int8" else quantize_per_token_fp8)(x)
+    return q.float() * s
+
+
 # --- matmuls: reference and fast paths -----------------------------------------------------------
 
 def int8_matmul_reference(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -169,9 +188,14 @@ class W8A8Linear(nn.Module):
         return quantize_per_channel_int8(w)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> W8A8Linear:
+    def from_linear(cls, linear: nn.Linear, weight: torch.Tensor | None = None,
+                    scale: torch.Tensor | None = None) -> W8A8Linear:
+        """From a float linear; `weight` (e.g. GPTQ-rounded, already on the grid of `scale`) replaces its weight."""
         m = cls(linear.in_features, linear.out_features, bias=False, device="meta")
-        m.qweight, m.weight_scale = cls.quantize_weight(linear.weight)
+        if weight is None:
+            m.qweight, m.weight_scale = cls.quantize_weight(linear.weight)
+        else:
+            m.qweight, m.weight_scale = quantize_with_scale(weight, scale, cls.scheme), scale.float()
         if linear.bias is not None:
             m.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return m
@@ -219,19 +243,22 @@ class FP8Linear(W8A8Linear):
         return fp8_matmul(xq, xs, self.qweight, self.weight_scale, self.fast)
 
 
+def replace_with_w8a8(model: nn.Module, name: str, linear: nn.Linear, scheme: str,
+                      weight: torch.Tensor | None = None, scale: torch.Tensor | None = None, **extra) -> dict:
+    """Swap `name` for a W8A8Linear / FP8Linear (weight: already rounded onto the grid of scale, or None for
+    round-to-nearest) and return its record (bytes: codes + float32 scales)."""
+    q = (W8A8Linear if scheme == "int8" else FP8Linear).from_linear(linear, weight, scale)
+    return replace_linear(model, name, linear, q, q.dequantize_weight(), 8, None, q.weight_bytes, scheme=scheme, **extra)
+
+
 def quantize_model_w8a8(model: nn.Module, scheme: str = "int8", skip=("lm_head",),
                         progress: Progress | None = None) -> list[dict]:
     """Replace each float nn.Linear not matched by `skip` with a W8A8Linear (int8) or FP8Linear (fp8);
     returns per-layer records (bytes: codes + float32 scales)."""
     if scheme not in SCHEMES:
         raise UnsupportedError(f"W8A8 scheme must be one of {', '.join(SCHEMES)}, got '{scheme}'.")
-    cls = W8A8Linear if scheme == "int8" else FP8Linear
-
-    def convert(name: str, linear: nn.Linear) -> dict:
-        q = cls.from_linear(linear)
-        return replace_linear(model, name, linear, q, q.dequantize_weight(), 8, None, q.weight_bytes, scheme=scheme)
-
-    return convert_linears(model, list(skip), convert, "w8a8", progress)
+    return convert_linears(model, list(skip), lambda name, lin: replace_with_w8a8(model, name, lin, scheme),
+                           "w8a8", progress)
 
 
 def set_fast_path(model: nn.Module, enabled: bool) -> None:
@@ -337,6 +364,58 @@ def smoothing_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
     return groups
 
 
+def smoothable_groups(model: nn.Module, skip=("lm_head",)) -> list[tuple[str, list[str]]]:
+    """smoothing_groups(model) without those that touch a skipped linear or a tied weight."""
+    return [(prev, names) for prev, names in smoothing_groups(model)
+            if not shared_weight_names(model, [prev, *names]) and not any(s in n for n in names for s in skip)]
+
+
+def group_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """SmoothQuant scales for linears (weights [out_i, in]) reading one activation with max |x| act_absmax [in]."""
+    w_absmax = torch.stack([w.detach().abs().amax(0).float() for w in weights]).amax(0)
+    return smoothquant_scales(act_absmax.float().to(w_absmax.device), w_absmax, alpha)
+
+
+@torch.no_grad()
+def w8a8_output_error(x: torch.Tensor, weights: list[torch.Tensor], scheme: str, s: torch.Tensor | None = None,
+                      rounded: list[torch.Tensor] | None = None, refs: list[torch.Tensor] | None = None) -> float:
+    """Relative error ||Q(x/s) Q(W*s)^T - x W^T|| / ||x W^T|| over linears reading x [tokens, in]: what the
+    W8A8 layers compute (per-token activations, per-channel weights, smoothed by s when given) vs float.
+    rounded: the weights as stored (e.g. GPTQ-rounded W*s); default: round-to-nearest. refs: the float
+    outputs x W^T when already computed."""
+    x = x.float()
+    xs = x if s is None else x / s
+    xq = fake_quantize_activations(xs, scheme)
+    num = den = 0.0
+    for i, w in enumerate(weights):
+        w = w.float()
+        if rounded is not None:
+            wq = rounded[i].float()
+        else:
+            ws = w if s is None else w * s
+            scale = channel_scale(ws, scheme)
+            wq = quantize_with_scale(ws, scale, scheme).float() * scale[:, None]
+        ref = x @ w.t() if refs is None else refs[i]
+        num += float(((xq @ wq.t() - ref) ** 2).sum())
+        den += float((ref**2).sum())
+    return (num / den) ** 0.5 if den > 0 else float("nan")
+
+
+ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(10))  # 0, 0.1, ..., 0.9
+
+
+def search_alpha(x: torch.Tensor, act_absmax: torch.Tensor, weights: list[torch.Tensor], scheme: str,
+                 grid=ALPHA_GRID) -> tuple[float | None, dict]:
+    """The smoothing strength in `grid`, or None (no smoothing), whose W8A8 output error (w8a8_output_error,
+    round-to-nearest weights) on sample inputs x of these linears is smallest; also every candidate's error."""
+    x = x.float()
+    refs = [x @ w.float().t() for w in weights]
+    errors = {None: w8a8_output_error(x, weights, scheme, refs=refs)}
+    for a in grid:
+        errors[a] = w8a8_output_error(x, weights, scheme, group_scales(act_absmax, weights, a), refs=refs)
+    return min(errors, key=errors.get), errors
+
+
 @torch.no_grad()
 def smooth_model(model: nn.Module, act_absmax: dict[str, torch.Tensor], alpha: float = 0.5,
                  skip=("lm_head",)) -> list[dict]:
@@ -345,14 +424,12 @@ def smooth_model(model: nn.Module, act_absmax: dict[str, torch.Tensor], alpha: f
     this unsmoothed model), none matches `skip`, and none has a tied weight. The float model computes the
     same function afterwards (up to rounding). Returns one record per smoothed group."""
     records = []
-    for prev_name, names in smoothing_groups(model):
-        tied = shared_weight_names(model, [prev_name, *names])
-        if tied or any(n not in act_absmax or any(s in n for s in skip) for n in names):
+    for prev_name, names in smoothable_groups(model, skip):
+        if any(n not in act_absmax for n in names):
             continue
         prev, linears = model.get_submodule(prev_name), [model.get_submodule(n) for n in names]
         act = torch.stack([act_absmax[n].float().to(prev.weight.device) for n in names]).amax(0)
-        w_absmax = torch.stack([lin.weight.abs().amax(0).float() for lin in linears]).amax(0)
-        s = smoothquant_scales(act, w_absmax, alpha)
+        s = group_scales(act, [lin.weight for lin in linears], alpha)
         fold_smoothing(prev, linears, s)
         records.append({"prev": prev_name, "linears": names, "scale_min": float(s.min()), "scale_max": float(s.max())})
     return records
