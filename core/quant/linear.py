@@ -2,7 +2,9 @@
 
 Buffers (what state_dict / .to() / memory accounting see): `packed` uint8, `scales` float16, `zeros` uint8
 (asymmetric only), plus an optional float `bias` parameter. forward() dequantizes to the input dtype and
-calls F.linear: the reference path that faster kernels must match.
+calls F.linear: the reference path that faster kernels must match. On CUDA, forward() goes through
+core.kernels.quant_matmul, which runs a Triton kernel for 4/8-bit weights and fp16/bf16 inputs and the reference
+path for everything else.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedError
+from ..kernels import quant_matmul
 from .packing import packed_size
 from .rtn import QuantizedWeight, effective_group_size, quantize_rtn, relative_error
 
@@ -25,6 +28,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.symmetric = bits, symmetric
+        self.fast = True  # False: always the reference path (dequantize + F.linear), e.g. to time or check it
         self.group_size = effective_group_size(in_features, group_size)
         n_groups = -(-in_features // self.group_size)
         u8 = dict(dtype=torch.uint8, device=device)
@@ -50,6 +54,12 @@ class QuantLinear(nn.Module):
                                self.symmetric, self.scales, self.zeros)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and getattr(self, "fast", True):
+            return quant_matmul(x, self)  # Triton kernel where one applies (4/8-bit, fp16/bf16), else the reference
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize to x's dtype, then F.linear: the oracle the kernels are tested against."""
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.qweight.dequantize(x.dtype), bias)
 

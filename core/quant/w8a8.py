@@ -401,7 +401,7 @@ def w8a8_output_error(x: torch.Tensor, weights: list[torch.Tensor], scheme: str,
     return (num / den) ** 0.5 if den > 0 else float("nan")
 
 
-ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(10))  # 0, 0.1, ..., 0.9
+ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(11))  # 0, 0.1, ..., 1.0
 
 
 def search_alpha(x: torch.Tensor, act_absmax: torch.Tensor, weights: list[torch.Tensor], scheme: str,

@@ -1,0 +1,106 @@
+"""Pick a matmul for a weight-only quantized linear (a QuantLinear or anything with its attributes: packed,
+scales, zeros, bits, group_size, in_features, out_features, bias, qweight) by device, dtype, format and M.
+
+  reference        dequantize to the input dtype, then F.linear (any device, any format): the oracle
+  gemv             Triton, M <= GEMV_MAX_M: streams the packed weight once, CUDA-core FMAs
+  gemm             Triton, GEMV_MAX_M < M <= DOT_MAX_M: tensor cores, tiles dequantized in registers,
+                   split-K at decode sizes
+  dequant+cublas   M > DOT_MAX_M: Triton dequantize to a dense weight, then cuBLAS
+
+The thresholds come from benchmarks/gpu_kernels.py on an H200 (benchmarks/results/gpu_kernels.json): the
+tensor-core kernel with split-K beat the CUDA-core GEMV at every M on the Llama-3-8B shapes, so GEMV_MAX_M = 0
+(gemv stays callable with path="gemv"); above M = 64 dequantize + cuBLAS beat our fused GEMM.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+KERNEL_BITS = (4, 8)
+GEMV_MAX_M = 0
+DOT_MAX_M = 64
+_FLOAT16 = (torch.float16, torch.bfloat16)
+_failed: set[tuple] = set()
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401,F811
+    except Exception:  # ImportError, or a broken install
+        return False
+    return True
+
+
+def _group_ok(bits: int, group_size: int, in_features: int) -> bool:
+    """Same rule as w4a16.supported, without importing triton: chunks of >= 32 (4-bit) / 16 (8-bit) codes
+    aligned to a power of two that divides the group size (or any, when each row is one group)."""
+    if group_size >= in_features:
+        return True
+    need = 32 if bits == 4 else 16
+    return group_size % need == 0
+
+
+def reference_matmul(x: torch.Tensor, q) -> torch.Tensor:
+    """What QuantLinear has always computed: dequantize to x's dtype, then F.linear."""
+    if hasattr(q, "reference_forward"):
+        return q.reference_forward(x)
+    bias = None if q.bias is None else q.bias.to(x.dtype)
+    return F.linear(x, q.qweight.dequantize(x.dtype), bias)
+
+
+def kernel_for(x: torch.Tensor, q) -> str:
+    """The path quant_matmul(x, q) takes: 'gemv', 'gemm', 'dequant+cublas' or 'reference'."""
+    if torch.is_grad_enabled() and (x.requires_grad or (q.bias is not None and q.bias.requires_grad)):
+        return "reference"  # the kernels have no backward
+    if not (x.is_cuda and q.packed.is_cuda and x.dtype in _FLOAT16 and q.bits in KERNEL_BITS
+            and x.shape[-1] == q.in_features and _group_ok(q.bits, q.group_size, q.in_features)):
+        return "reference"
+    m = math.prod(x.shape[:-1])
+    if m == 0 or not triton_available():
+        return "reference"
+    path = "gemv" if m <= GEMV_MAX_M else "gemm" if m <= DOT_MAX_M else "dequant+cublas"
+    return "reference" if (path, x.device.index, q.bits, x.dtype) in _failed else path
+
+
+def quant_matmul(x: torch.Tensor, q, path: str | None = None) -> torch.Tensor:
+    """y = x @ dequant(q)^T + bias with the fastest applicable kernel (or `path`, forced, for tests/benchmarks).
+    A kernel that raises (e.g. does not compile on this GPU) is reported once and not tried again on that
+    device; the reference path answers instead."""
+    path = path or kernel_for(x, q)
+    if path == "reference":
+        return reference_matmul(x, q)
+    from . import w4a16
+
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, q.in_features)
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != q.in_features):
+        x2 = x2.contiguous()
+    bias = None if q.bias is None else q.bias.detach()
+    args = (q.packed, q.scales, q.zeros, q.bits, q.group_size)
+    try:
+        if path == "gemv":
+            y = w4a16.gemv(x2, *args, q.out_features, bias)
+        elif path == "gemm":
+            y = w4a16.gemm(x2, *args, q.out_features, bias)
+        elif path == "dequant+cublas":
+            w = w4a16.dequantize(*args, q.in_features, x.dtype)
+            y = F.linear(x2, w, None if bias is None else bias.to(x.dtype))
+        else:
+            raise ValueError(f"unknown path {path!r}")
+    except Exception as e:  # noqa: BLE001  (triton's CompilationError is no RuntimeError)
+        if isinstance(e, ValueError) and str(e).startswith("unknown path"):
+            raise
+        key = (path, x.device.index, q.bits, x.dtype)
+        if key not in _failed:
+            log.warning("quantized matmul kernel %s failed (%s); using the reference path", path, e)
+            _failed.add(key)
+        return reference_matmul(x, q)
+    return y.view(*lead, q.out_features)

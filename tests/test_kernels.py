@@ -1,0 +1,250 @@
+"""Weight-only quantized matmul kernels (core.kernels): the Triton kernels run on CPU under Triton's interpreter
+(TRITON_INTERPRET=1) on small shapes against dequantize + matmul in float32; the dispatcher's choices and the
+reference fallback are tested without a GPU. benchmarks/gpu_kernels.py checks the same kernels on a GPU."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core.kernels import dispatch
+from core.kernels.dispatch import kernel_for, quant_matmul, reference_matmul
+from core.quant.linear import QuantLinear
+from core.quant.rtn import quantize_rtn
+
+
+TRITON = importlib.util.find_spec("triton") is not None
+# Triton picks interpreter or GPU mode when it is first imported, so the kernel tests run in a child pytest
+# process started with TRITON_INTERPRET=1 (test_kernels_in_triton_interpreter); in this process they skip.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interp = pytest.mark.skipif(not INTERPRETED, reason="run in a child process with TRITON_INTERPRET=1")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the child")
+def test_kernels_in_triton_interpreter():
+    if not TRITON:
+        pytest.skip("triton is not installed (pip install -e '.[test]' installs it): Triton kernels untested on CPU")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interp",
+                        os.path.abspath(__file__)], cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and "failed" not in r.stdout, r.stdout[-3000:]
+
+
+@pytest.fixture(scope="module")
+def k():
+    import core.kernels.w4a16 as mod
+
+    assert mod.INTERPRET
+    return mod
+
+
+def _layer(n, kdim, bits, group_size, symmetric, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, kdim, generator=g) * 0.05
+    w[:, 0] += 0.2  # a skewed range per row, so asymmetric zeros are not all mid-scale
+    q = QuantLinear.from_linear(torch.nn.Linear(kdim, n, bias=False), quantize_rtn(w, bits, group_size, symmetric))
+    if bias:
+        q.bias = torch.nn.Parameter(torch.randn(n, generator=g) * 0.1, requires_grad=False)
+    return q
+
+
+def _x(m, kdim, dtype, seed=1):
+    x = torch.randn(m, kdim, generator=torch.Generator().manual_seed(seed))
+    return (x + 0.1 * torch.sign(x)).to(dtype)  # never zero
+
+
+def _oracle(x, q):
+    """float32 dequantize + matmul (+ bias)."""
+    y = x.float() @ q.qweight.dequantize(torch.float32).t()
+    return y if q.bias is None else y + q.bias.float()
+
+
+def _rel(y, ref):
+    assert torch.isfinite(y).all()
+    return float((y.float() - ref).norm() / ref.norm())
+
+
+def _tol(dtype):
+    return 8e-3 if dtype == torch.bfloat16 else 2e-3  # one rounding of the output (and of x) to 16 bits
+
+
+def _args(q):
+    return q.packed, q.scales, q.zeros, q.bits, q.group_size, q.out_features
+
+
+# (N, K, group_size, bits, symmetric, M, dtype): K=576 with g=128 leaves a last group of 64; K=200 with g=64 a
+# last group of 8; per-channel (None) with odd K puts the last code of a row in a half-used byte.
+GEMV_CASES = [
+    (24, 576, 128, 4, False, 1, torch.float16),
+    (40, 576, 128, 4, True, 3, torch.bfloat16),
+    (17, 99, None, 4, False, 2, torch.float16),
+    (33, 200, 64, 4, True, 4, torch.float16),
+    (20, 200, 64, 8, False, 1, torch.bfloat16),
+    (24, 160, 32, 8, True, 5, torch.float16),
+]
+
+
+@interp
+@pytest.mark.parametrize("n,kdim,gs,bits,sym,m,dtype", GEMV_CASES)
+def test_interp_gemv_matches_reference(k, n, kdim, gs, bits, sym, m, dtype):
+    q = _layer(n, kdim, bits, gs, sym)
+    x = _x(m, kdim, dtype)
+    y = k.gemv(x, *_args(q), q.bias, config={"BN": 8, "UNROLL": 2})
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert _rel(y, _oracle(x, q)) < _tol(dtype)
+
+
+BF16_DOT = ("Triton's interpreter (3.8) multiplies bf16 tl.dot operands as their raw uint16 bits; the bf16 "
+            "tensor-core path is checked on the GPU by benchmarks/gpu_kernels.py")
+GEMM_CASES = [  # + split-K
+    (24, 576, 128, 4, False, 5, torch.float16, 1),
+    (40, 576, 128, 4, True, 17, torch.float16, 1),
+    (33, 576, 128, 4, False, 33, torch.float16, 3),
+    (17, 99, None, 4, True, 7, torch.float16, 1),
+    (36, 200, 64, 8, False, 19, torch.float16, 2),
+    (24, 160, 32, 8, True, 3, torch.float16, 1),
+    (40, 576, 128, 4, True, 17, torch.bfloat16, 1),
+]
+
+
+@interp
+@pytest.mark.parametrize("fold", [True, False], ids=["fold", "dequant-tile"])
+@pytest.mark.parametrize("n,kdim,gs,bits,sym,m,dtype,split", GEMM_CASES)
+def test_interp_gemm_matches_reference(k, n, kdim, gs, bits, sym, m, dtype, split, fold):
+    if dtype == torch.bfloat16:
+        pytest.skip(BF16_DOT)
+    q = _layer(n, kdim, bits, gs, sym)
+    x = _x(m, kdim, dtype)
+    cfg = {"BM": 16, "BN": 16, "BK": min(gs, 64) if gs else 32, "FOLD": fold}
+    y = k.gemm(x, *_args(q), q.bias, config=cfg, split_k=split)
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert _rel(y, _oracle(x, q)) < _tol(dtype)
+
+
+@interp
+def test_interp_kernels_without_bias_and_poisoned_output(k):
+    q = _layer(20, 576, 4, 128, False, bias=False)
+    x = _x(2, 576, torch.float16)
+    ref = _oracle(x, q)
+    for y in (k.gemv(x, *_args(q), None, config={"BN": 16, "UNROLL": 1}),
+              k.gemm(x, *_args(q), None, config={"BM": 16, "BN": 16, "BK": 128, "FOLD": True}),
+              k.gemm(x, *_args(q), None, config={"BM": 16, "BN": 16, "BK": 128, "FOLD": False})):
+        assert _rel(y, ref) < 2e-3  # outputs come from torch.empty: every element must have been written
+
+
+@interp
+@pytest.mark.parametrize("bits,gs,sym", [(4, 128, False), (4, None, True), (8, 64, False)])
+def test_interp_dequantize_kernel_matches_reference(k, bits, gs, sym):
+    q = _layer(19, 201, bits, gs, sym)
+    w = k.dequantize(q.packed, q.scales, q.zeros, q.bits, q.group_size, q.in_features, torch.float16, bn=16)
+    assert torch.equal(w, q.qweight.dequantize(torch.float16))
+    # the interpreter casts float32 -> bf16 by truncation (the GPU rounds to nearest): within one bf16 step
+    w = k.dequantize(q.packed, q.scales, q.zeros, q.bits, q.group_size, q.in_features, torch.bfloat16, bn=16)
+    torch.testing.assert_close(w.float(), q.qweight.dequantize(torch.float32), rtol=2 ** -7, atol=0)
+
+
+@interp
+@pytest.mark.parametrize("path", ["gemv", "gemm", "dequant+cublas"])
+def test_interp_quant_matmul_forced_paths_keep_leading_dims(k, path):
+    q = _layer(24, 256, 4, 64, False)
+    x = _x(6, 256, torch.float16).view(2, 3, 256)
+    if path == "gemv":
+        x = x[:1, :2]
+    y = quant_matmul(x, q, path=path)
+    assert y.shape == (*x.shape[:-1], 24)
+    assert _rel(y.reshape(-1, 24), _oracle(x.reshape(-1, 256), q)) < 2e-3
+
+
+@interp
+def test_interp_launchers_refuse_tiles_that_straddle_groups(k):
+    q = _layer(24, 256, 4, 64, False)
+    x = _x(2, 256, torch.float16)
+    with pytest.raises(ValueError):
+        k.gemm(x, *_args(q), None, config={"BM": 16, "BN": 16, "BK": 128})
+    with pytest.raises(ValueError):
+        k.gemv(x, *_args(q), None, config={"BN": 16, "BKB": 64})
+
+
+@interp
+def test_interp_supported_agrees_with_dispatch_rule(k):
+    for bits in (2, 3, 4, 5, 8):
+        for kdim in (64, 99, 576):
+            for gs in (8, 16, 24, 32, 48, 64, 96, 100, 128, kdim):
+                gs = min(gs, kdim)
+                ok = bits in dispatch.KERNEL_BITS and dispatch._group_ok(bits, gs, kdim)
+                assert k.supported(bits, gs, kdim) == ok, (bits, kdim, gs)
+
+
+# --- dispatch, no triton needed ------------------------------------------------------------------------------
+
+def _fake_x(m, dtype=torch.bfloat16, cuda=True, kdim=256, requires_grad=False):
+    return SimpleNamespace(is_cuda=cuda, dtype=dtype, shape=(m, kdim), requires_grad=requires_grad,
+                           device=SimpleNamespace(index=0))
+
+
+def _fake_q(bits=4, gs=128, kdim=256, cuda=True):
+    return SimpleNamespace(packed=SimpleNamespace(is_cuda=cuda), bits=bits, group_size=gs, in_features=kdim,
+                           bias=None)
+
+
+def test_dispatch_choices(monkeypatch):
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    monkeypatch.setattr(dispatch, "GEMV_MAX_M", 4)  # the shipped value (0) turns gemv off: test the rule itself
+    assert kernel_for(_fake_x(1), _fake_q()) == "gemv"
+    assert kernel_for(_fake_x(4), _fake_q()) == "gemv"
+    assert kernel_for(_fake_x(5), _fake_q()) == "gemm"
+    monkeypatch.setattr(dispatch, "GEMV_MAX_M", 0)
+    assert kernel_for(_fake_x(1), _fake_q()) == "gemm"
+    assert kernel_for(_fake_x(dispatch.DOT_MAX_M), _fake_q(bits=8)) == "gemm"
+    assert kernel_for(_fake_x(dispatch.DOT_MAX_M + 1), _fake_q()) == "dequant+cublas"
+    assert kernel_for(_fake_x(16, torch.float16), _fake_q(gs=32)) == "gemm"
+    assert kernel_for(_fake_x(16, kdim=99), _fake_q(gs=99, kdim=99)) == "gemm"  # per-channel, odd K
+    # everything else keeps the reference path
+    assert kernel_for(_fake_x(1, cuda=False), _fake_q(cuda=False)) == "reference"
+    assert kernel_for(_fake_x(1, torch.float32), _fake_q()) == "reference"
+    assert kernel_for(_fake_x(1), _fake_q(bits=3)) == "reference"
+    assert kernel_for(_fake_x(1), _fake_q(gs=48)) == "reference"  # 4-bit needs groups of a multiple of 32
+    assert kernel_for(_fake_x(1), _fake_q(bits=8, gs=24)) == "reference"
+    assert kernel_for(_fake_x(0), _fake_q()) == "reference"
+    assert kernel_for(_fake_x(1, requires_grad=True), _fake_q()) == "reference"
+    monkeypatch.setattr(dispatch, "triton_available", lambda: False)
+    assert kernel_for(_fake_x(1), _fake_q()) == "reference"
+
+
+def test_quantlinear_on_cpu_takes_the_reference_path(monkeypatch):
+    q = _layer(24, 576, 4, 128, False)
+    x = _x(3, 576, torch.bfloat16)
+    assert kernel_for(x, q) == "reference"
+    monkeypatch.setitem(sys.modules, "core.kernels.w4a16", None)  # importing the Triton module would now fail
+    y = q(x)
+    ref = F.linear(x, q.qweight.dequantize(torch.bfloat16), q.bias.to(torch.bfloat16))
+    assert torch.equal(y, ref) and torch.equal(reference_matmul(x, q), ref)
+    assert torch.equal(quant_matmul(x, q), ref)
+
+
+def test_failing_kernel_falls_back_to_reference_once(monkeypatch, caplog):
+    q = _layer(24, 256, 4, 64, True)
+    x = _x(2, 256, torch.float16)
+    broken = SimpleNamespace(gemv=lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("no GPU here")))
+    monkeypatch.setitem(sys.modules, "core.kernels.w4a16", broken)
+    monkeypatch.setattr("core.kernels.w4a16", broken, raising=False)
+    monkeypatch.setattr(dispatch, "_failed", set())
+    y = quant_matmul(x, q, path="gemv")
+    assert torch.equal(y, reference_matmul(x, q))
+    assert ("gemv", None, 4, torch.float16) in dispatch._failed
+    assert "failed" in caplog.text
+
+
+def test_importing_kernels_pulls_no_app_dependency():
+    code = ("import sys, core.quant.linear, core.kernels; "
+            "bad = [m for m in ('triton', 'streamlit', 'bitsandbytes', 'gguf', 'plotly') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
