@@ -28,8 +28,8 @@ PRESETS = [
     ("gptq3g64", "GPTQ int3 g64", [{"method": "gptq", "bits": 3, "group_size": 64}], None,
      "Where GPTQ's error compensation matters most: compare with RTN int3 g64."),
     ("awq4g64", "AWQ int4 g64", [{"method": "awq", "bits": 4, "group_size": 64}], None,
-     "Activation-aware scaling and weight clipping, searched layer by layer on 32 windows × 256 tokens of the "
-     "Brown calibration split, then round-to-nearest (same storage as RTN)."),
+     ("Activation-aware scaling and weight clipping, searched layer by layer on 32 windows × 256 tokens of the "
+      "Brown calibration split, then round-to-nearest (same storage as RTN).")),
     ("sq_w8a8", "SmoothQuant W8A8 int8", [{"method": "w8a8", "scheme": "int8"}], None,
      "int8 weights (per channel, GPTQ-rounded) and per-token int8 activations; activation outliers moved into "
      "the weights with a smoothing strength searched per group of layers on 32 calibration windows."),
