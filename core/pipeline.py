@@ -76,13 +76,56 @@ def _w8a8(*args):
     return quantize_model_w8a8_step(*args)
 
 
+def _prune(*args):
+    from .prune.unstructured import prune_model
+
+    return prune_model(*args)
+
+
+def _structured(*args):
+    from .prune.structured import structured_prune
+
+    return structured_prune(*args)
+
+
 # Steps applied to an already-loaded model. (bitsandbytes quantizes while loading: see _load.)
 STEP_APPLIERS = {
     "rtn": _apply_rtn,
     "gptq": _calibrated(_gptq),
     "awq": _calibrated(_awq),
     "w8a8": _calibrated(_w8a8, lambda s: s.needs_calibration()),
+    **{m: _calibrated(_prune, lambda s: s.needs_calibration()) for m in ("magnitude", "wanda", "sparsegpt")},
+    "structured": _calibrated(_structured),
 }
+
+
+def _store_sparse(model, layers: list[dict], progress) -> dict:
+    """After a chain with pruning: the linears still float (pruned, not quantized afterwards) go into the
+    compressed sparse storage where it is smaller (bitmask + values, or N:M values + indices), so the memory
+    figure is what the format really holds; their records get the stored bytes. Returns the decoder linears'
+    measured sparsity (fraction of exactly-zero weights of all linears but lm_head, as stored; counted
+    before the storage changes)."""
+    from .calibrate import as_linear, is_linear
+    from .prune.sparse import compress_sparse
+    from .quant.linear import QuantLinear
+
+    zeros = total = 0
+    for name, m in model.named_modules():
+        if "lm_head" in name:
+            continue
+        if isinstance(m, QuantLinear):  # pruned, then quantized: count the zeros as stored
+            w = m.qweight.dequantize()
+        elif is_linear(m):
+            w = as_linear(m).weight
+        else:
+            continue
+        zeros += int((w == 0).sum())
+        total += w.numel()
+    stored = {r["name"]: r for r in compress_sparse(model, skip=["lm_head"], progress=progress)}
+    for rec in layers:
+        if rec.get("name") in stored:
+            rec.update(bytes=stored[rec["name"]]["bytes"], storage=stored[rec["name"]]["format"])
+    return {"linear_sparsity": zeros / total if total else 0.0, "sparse_stored_linears": len(stored)}
 
 
 def _load(exp: Experiment, src, device: str):
@@ -155,6 +198,9 @@ def run_experiment(exp: Experiment, progress=NOOP, artifact_dir: Path | None = N
             continue
         progress(f"step {i + 1}/{len(exp.steps)}: {step.label()}", 0, 1)
         layers += STEP_APPLIERS[step.method](model, step, ctx)
+    sparsity = None
+    if any(s.method in ("magnitude", "wanda", "sparsegpt") for s in exp.steps):
+        sparsity = _store_sparse(model, layers, progress)
     timings["compress_s"] = time.perf_counter() - t
     saved_model = None
     if exp.save_model and artifact_dir is not None:
@@ -190,6 +236,8 @@ def run_experiment(exp: Experiment, progress=NOOP, artifact_dir: Path | None = N
         "baseline_weight_bytes": baseline_bytes,
         "compression": baseline_bytes / weight_bytes if weight_bytes else None,
         "param_count": info["params"],
+        "param_count_after": sum(p.numel() for p in model.parameters()),
+        "sparsity": sparsity,
         "peak_rss_bytes": memory.peak_rss(),
         "process_base_rss_bytes": base_rss,
         "peak_gpu_bytes": memory.peak_gpu(),

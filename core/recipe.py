@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
 
@@ -136,8 +136,68 @@ class BnbStep(_Strict):
         return "bnb LLM.int8" if self.mode == "int8" else f"bnb {self.mode.upper()}{' +DQ' if self.double_quant else ''}"
 
 
-Step = Annotated[Union[RTNStep, GPTQStep, AWQStep, W8A8Step, BnbStep], Field(discriminator="method")]
-STEP_TYPES = {"rtn": RTNStep, "gptq": GPTQStep, "awq": AWQStep, "w8a8": W8A8Step, "bnb": BnbStep}
+class PruneStep(_Strict):
+    """Unstructured or N:M pruning (weights set to zero in place; stored compressed at the end of the chain):
+    magnitude (|W|), Wanda (|W| x input feature norm) or SparseGPT (second order, with weight updates), the
+    last two through the shared calibration pass. OWL: non-uniform per-layer ratios from outlier statistics,
+    keeping the overall ratio (unstructured only)."""
+
+    method: Literal["magnitude", "wanda", "sparsegpt"] = "sparsegpt"
+    sparsity: float = Field(0.5, ge=0, lt=1, description="fraction of weights removed (N:M fixes it to 1 - N/M)")
+    pattern: str = Field("unstructured", description="'unstructured' or 'N:M' (N kept of every M, e.g. 2:4, 4:8)")
+    owl: bool = False
+    damp: float = Field(0.01, gt=0, le=1)
+    skip: list[str] = Field(default_factory=lambda: ["lm_head"])
+    calibration: CalibrationOptions = Field(default_factory=CalibrationOptions)
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        from .prune.masks import parse_pattern
+
+        try:
+            parse_pattern(v)
+        except ValueError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _owl_unstructured(self):
+        if self.owl and self.pattern.strip().lower() != "unstructured":
+            raise ValueError("OWL (non-uniform layer ratios) applies to unstructured sparsity only, not N:M")
+        return self
+
+    def needs_calibration(self) -> bool:
+        return self.method != "magnitude" or self.owl
+
+    def label(self) -> str:
+        name = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}[self.method]
+        amount = self.pattern if self.pattern != "unstructured" else f"{self.sparsity:.0%}"
+        return f"{name} {amount}{' OWL' if self.owl else ''}"
+
+
+class StructuredStep(_Strict):
+    """Structured pruning into a smaller dense model (Llama-family): remove a fraction of MLP channels and of
+    attention heads in every layer, and whole decoder layers, by calibration-based importance."""
+
+    method: Literal["structured"] = "structured"
+    mlp_sparsity: float = Field(0.0, ge=0, lt=1)
+    head_sparsity: float = Field(0.0, ge=0, lt=1)
+    head_mode: Literal["query", "kv_group"] = "query"
+    remove_layers: int = Field(0, ge=0)
+    calibration: CalibrationOptions = Field(default_factory=CalibrationOptions)
+
+    def label(self) -> str:
+        parts = [f"{self.mlp_sparsity:.0%} MLP channels" if self.mlp_sparsity else "",
+                 f"{self.head_sparsity:.0%} heads" if self.head_sparsity else "",
+                 f"{self.remove_layers} layers" if self.remove_layers else ""]
+        return "Structured: -" + ", -".join(p for p in parts if p) if any(parts) else "Structured (nothing removed)"
+
+
+Step = Annotated[Union[RTNStep, GPTQStep, AWQStep, W8A8Step, PruneStep, StructuredStep, BnbStep],
+                 Field(discriminator="method")]
+STEP_TYPES = {"rtn": RTNStep, "gptq": GPTQStep, "awq": AWQStep, "w8a8": W8A8Step, "magnitude": PruneStep,
+              "wanda": PruneStep, "sparsegpt": PruneStep, "structured": StructuredStep, "bnb": BnbStep}
 
 
 class MeasureOptions(_Strict):

@@ -36,6 +36,22 @@ PRESETS = [
     ("fp8_w8a8", "FP8 W8A8 (E4M3)", [{"method": "w8a8", "scheme": "fp8"}], None,
      "FP8 weights (per channel, GPTQ-rounded) and per-token FP8 activations, smoothing searched like SmoothQuant's. "
      "Real FP8 matmuls need a recent GPU; elsewhere a reference path."),
+    ("mag50", "Magnitude pruning 50%", [{"method": "magnitude", "sparsity": 0.5}], None,
+     "Zero the half of each layer's weights with the smallest magnitude; no calibration data."),
+    ("wanda50", "Wanda pruning 50%", [{"method": "wanda", "sparsity": 0.5}], None,
+     "|W| x input feature norm from 32 calibration windows, compared per output row."),
+    ("sgpt50", "SparseGPT 50%", [{"method": "sparsegpt", "sparsity": 0.5}], None,
+     "Second-order pruning with weight updates (shares GPTQ's Hessian), layer by layer."),
+    ("sgpt24", "SparseGPT 2:4", [{"method": "sparsegpt", "pattern": "2:4"}], None,
+     "2 of every 4 weights kept: the pattern sparse tensor cores run."),
+    ("sgpt24_gptq4", "SparseGPT 2:4 → GPTQ int4 g64", [{"method": "sparsegpt", "pattern": "2:4"},
+                                                       {"method": "gptq", "bits": 4, "group_size": 64}], None,
+     "A chain: prune, then quantize what is left (GPTQ keeps the pruned weights at zero)."),
+    ("struct_mlp25", "Structured: −25% MLP channels", [{"method": "structured", "mlp_sparsity": 0.25}], None,
+     "A genuinely smaller dense model (plain transformers checkpoint): the least important quarter of every "
+     "MLP's channels removed."),
+    ("struct_l4", "Structured: −4 decoder layers", [{"method": "structured", "remove_layers": 4}], None,
+     "The 4 layers that change their input least (ShortGPT block influence) removed."),
     ("bnb_int8", "bitsandbytes LLM.int8", [{"method": "bnb", "mode": "int8"}], "int8", None),
     ("bnb_nf4", "bitsandbytes NF4", [{"method": "bnb", "mode": "nf4"}], "nf4", None),
     ("bnb_fp4", "bitsandbytes FP4", [{"method": "bnb", "mode": "fp4"}], "fp4", None),
@@ -152,6 +168,38 @@ with left:
             w8_step = {"method": "w8a8", "scheme": w8_scheme, "smoothquant_alpha": alpha, "weight_rounding": w8_round,
                        "calibration": {"windows": int(w8_windows), "window_len": int(w8_len)}}
             selected.append(("Custom W8A8", [w8_step], None))
+
+    with st.container(border=True):
+        pr_on = st.checkbox("Custom pruning (optionally followed by quantization)", key="pr_on")
+        c1, c2, c3 = st.columns(3)
+        pr_method = c1.radio("Pruning method", ["magnitude", "wanda", "sparsegpt", "structured"], key="pr_method",
+                             disabled=not pr_on, format_func={"magnitude": "Magnitude", "wanda": "Wanda",
+                                                              "sparsegpt": "SparseGPT",
+                                                              "structured": "Structured (smaller dense model)"}.get)
+        structured = pr_method == "structured"
+        pr_pattern = c2.selectbox("Pattern", ["unstructured", "2:4", "4:8"], key="pr_pattern",
+                                  disabled=not pr_on or structured)
+        pr_sparsity = c2.slider("Sparsity", 0.05, 0.95, 0.5, 0.05, key="pr_sparsity",
+                                disabled=not pr_on or structured or pr_pattern != "unstructured",
+                                help="Fraction of each layer's weights removed (N:M patterns fix it).")
+        pr_owl = c2.checkbox("OWL layer ratios", key="pr_owl",
+                             disabled=not pr_on or structured or pr_pattern != "unstructured",
+                             help="Non-uniform per-layer sparsity from outlier statistics, same overall ratio.")
+        pr_mlp = c3.slider("MLP channels removed", 0.0, 0.9, 0.25, 0.05, key="pr_mlp", disabled=not pr_on or not structured)
+        pr_heads = c3.slider("Attention heads removed", 0.0, 0.9, 0.0, 0.05, key="pr_heads", disabled=not pr_on or not structured)
+        pr_layers = c3.number_input("Decoder layers removed", 0, 100, 0, key="pr_layers", disabled=not pr_on or not structured)
+        pr_then = st.selectbox("Then", ["nothing", "GPTQ int4 g64", "RTN int4 g64", "RTN int8 per-channel"],
+                               key="pr_then", disabled=not pr_on)
+        if pr_on:
+            if structured:
+                first = {"method": "structured", "mlp_sparsity": float(pr_mlp), "head_sparsity": float(pr_heads),
+                         "remove_layers": int(pr_layers)}
+            else:
+                first = {"method": pr_method, "sparsity": float(pr_sparsity), "pattern": pr_pattern, "owl": pr_owl}
+            then = {"nothing": [], "GPTQ int4 g64": [{"method": "gptq", "bits": 4, "group_size": 64}],
+                    "RTN int4 g64": [{"method": "rtn", "bits": 4, "group_size": 64}],
+                    "RTN int8 per-channel": [{"method": "rtn", "bits": 8}]}[pr_then]
+            selected.append(("Custom pruning", [first, *then], None))
 
 with right:
     st.subheader("Measurement")

@@ -235,3 +235,15 @@ def test_peak_memory_is_one_layer(device):
         assert all(b.device.type == "cpu" for b in model.buffers())
     assert sizes[32] > 14 * sizes[2]
     assert peaks[32] < 1.5 * peaks[2], peaks
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_keep_zeros_keeps_a_pruned_layer_pruned(sym):
+    W, X, H = _layer()
+    W = W * (torch.rand(W.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) > 0.5)
+    qw, info = gptq_quantize(W, H, 4, 32, sym, keep_zeros=True, act_order=True)
+    w_hat = qw.dequantize().double()
+    assert torch.equal(w_hat[W == 0], torch.zeros_like(w_hat[W == 0]))
+    assert info["out_rel_error"] < info["rtn_out_rel_error"]
+    free, _ = gptq_quantize(W, H, 4, 32, sym, act_order=True)
+    assert (free.dequantize()[W == 0] != 0).any()  # without it, error feedback fills the pruned weights in

@@ -173,6 +173,20 @@ def test_new_experiment_custom_w8a8(store, submitted):
     assert exp.label() == "W8A8 FP8 SmoothQuant a=0.65"
 
 
+def test_new_experiment_custom_pruning_chain(store, submitted):
+    at = app()
+    for key in ("preset_baseline", "preset_rtn8", "preset_rtn4g64"):
+        at.checkbox(key=key).uncheck()
+    at.checkbox(key="pr_on").check().run()
+    at.radio(key="pr_method").set_value("sparsegpt")
+    at.selectbox(key="pr_pattern").set_value("2:4")
+    at.selectbox(key="pr_then").set_value("GPTQ int4 g64")
+    at.button(key="submit").click().run()
+    assert not at.exception and not at.error
+    (exp,) = submitted
+    assert exp.label() == "SparseGPT 2:4 + GPTQ int4 g64 sym act-order"
+
+
 def test_experiments_lists_runs_and_shows_errors(filled):
     at = app("pages/experiments.py")
     table = at.dataframe[0].value

@@ -172,3 +172,42 @@ def test_w8a8_steps_through_the_pipeline(tiny_model_dir, corpus_file, step, labe
         assert all(r["out_rel_error"] is not None for r in m["layers"] if r["name"] != "lm_head")
     if "SmoothQuant" in label:
         assert m["calibration"][0]["smoothed_linears"] > 0
+
+
+def test_pruning_steps_and_chains_through_the_pipeline(tiny_model_dir, corpus_file):
+    calib = {"corpus": str(corpus_file), "windows": 4, "window_len": 32}
+    base = run_experiment(_exp(tiny_model_dir, corpus_file, latency=False, samples=False))
+    mag = run_experiment(_exp(tiny_model_dir, corpus_file, [{"method": "magnitude", "sparsity": 0.5}],
+                              latency=False, samples=False))
+    assert mag["calibration"] == []  # magnitude needs no calibration data
+    assert mag["memory"]["sparsity"]["linear_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert mag["memory"]["sparsity"]["sparse_stored_linears"] == 14
+    assert mag["memory"]["weight_bytes"] < base["memory"]["weight_bytes"]  # stored compressed, not dense
+    assert all(r["storage"] == "bitmask" and r["bytes"] < r["orig_bytes"] for r in mag["layers"])
+
+    # 2:4 SparseGPT, then 4-bit GPTQ: one experiment, the 2:4 zeros survive quantization
+    exp = _exp(tiny_model_dir, corpus_file, [{"method": "sparsegpt", "pattern": "2:4", "calibration": calib},
+                                             {"method": "gptq", "bits": 4, "group_size": 32, "calibration": calib}],
+               latency=False, samples=False)
+    assert exp.label() == "SparseGPT 2:4 + GPTQ int4 g32 sym act-order"
+    chain = run_experiment(exp)
+    assert chain["memory"]["sparsity"]["linear_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert len(chain["calibration"]) == 2 and chain["accuracy"]["top1_agreement"] > 0.3
+
+    st = run_experiment(_exp(tiny_model_dir, corpus_file, [{"method": "structured", "mlp_sparsity": 0.25,
+                                                            "remove_layers": 1, "calibration": calib}],
+                             latency=False, samples=False))
+    assert st["memory"]["param_count_after"] < st["memory"]["param_count"]
+    assert st["memory"]["weight_bytes"] < base["memory"]["weight_bytes"]
+
+
+def test_pruning_settings_errors():
+    from core.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="OWL"):
+        parse_experiment({"steps": [{"method": "wanda", "pattern": "2:4", "owl": True}]})
+    with pytest.raises(RecipeError, match="N:M"):
+        parse_experiment({"steps": [{"method": "wanda", "pattern": "4:2"}]})
+    with pytest.raises(RecipeError, match="sparsity"):
+        parse_experiment({"steps": [{"method": "magnitude", "sparsity": 1.0}]})
+    assert parse_experiment({"steps": [{"method": "wanda", "sparsity": 0.6, "owl": True}]}).label() == "Wanda 60% OWL"

@@ -16,10 +16,12 @@ from torch import nn
 from ..calibrate import (CalibrationRecords, LayerContext, Observer, as_linear, calibration_targets,
                          find_decoder_layers, run_calibrated)
 from ..errors import UnsupportedError
+from .memory_accounting import tensor_bytes
 from .linear import Progress, _untie, find_linears, replace_with_quantized, shared_weight_names
 from .packing import pack_bits
 from .rtn import QuantizedWeight, compute_qparams, dequantize, effective_group_size, quantize_codes, quantize_rtn
 
+PRUNED_FRACTION = 0.25  # layers with at least this fraction of exact zeros were pruned: GPTQ keeps them zero
 DAMP_TRIES = 5  # damp, 10x, 100x, ... before giving up on a Hessian
 _NO_INFO = {"damp": None, "warning": None, "out_rel_error": None, "rtn_out_rel_error": None}
 
@@ -46,22 +48,30 @@ def _output_error(weight: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) ->
 
 
 def error_feedback(W: torch.Tensor, Hinv: torch.Tensor, round_column, block_size: int = 128) -> None:
-    """GPTQ's column loop, for any rounding: columns of W [out, n] (float32, modified in place) are rounded
-    in order by round_column(col, w [out, 1], upcoming) -> the rounded column, and each column's error is
-    spread onto the columns not yet rounded through Hinv (upper Cholesky factor of H^-1), lazily per block.
-    upcoming(k) gives the next k columns' current (error-updated) values, from col on."""
+    """GPTQ's column loop, for any rounding: columns of W [out, n] (float32) are rounded in order by
+    round_column(col, w [out], upcoming) -> the rounded column [out], and each column's error is spread onto the
+    columns not yet rounded through Hinv (upper Cholesky factor of H^-1), lazily per block. upcoming(k) gives
+    the next k columns' current (error-updated) values [out, k], from col on. Works on a transposed copy, so
+    each column and each rank-1 update is contiguous in memory (W itself is left unchanged)."""
     n = W.shape[1]
+    WT = W.t().contiguous()
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
-        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        W1, Hinv1 = WT[i1:i2].clone(), Hinv[i1:i2, i1:i2]
         Err1 = torch.empty_like(W1)
+        diag = Hinv1.diagonal().tolist()
         for i in range(i2 - i1):
-            w = W1[:, i:i + 1]
-            upcoming = lambda k, i=i: torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :k]  # noqa: E731
-            err = (w - round_column(i1 + i, w, upcoming)) / Hinv1[i, i]
-            W1[:, i:] -= err * Hinv1[i:i + 1, i:]
-            Err1[:, i:i + 1] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            w = W1[i]
+            upcoming = lambda k, i=i: torch.cat([W1[i:], WT[i2:]])[:k].t()  # noqa: E731
+            err = Err1[i]
+            torch.sub(w, round_column(i1 + i, w, upcoming), out=err).div_(diag[i])
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
+        WT[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
+
+
+def group_of_t(cols: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Group index of each (original) column index."""
+    return cols.div(group_size, rounding_mode="floor")
 
 
 def _prepare(W0: torch.Tensor, H0: torch.Tensor, damp: float, act_order: bool, info: dict):
@@ -118,13 +128,14 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, round_values, damp: 
         W, Hinv, perm = _prepare(W0, H0, damp, act_order, info)
         if Hinv is None:
             return rtn, info
-        out = torch.empty_like(W)
+        outT = torch.empty(W.shape[1], W.shape[0], device=W.device)
 
         def round_column(col, w, upcoming):
-            out[:, col:col + 1] = round_values(w)
-            return out[:, col:col + 1]
+            outT[col] = round_values(w[:, None])[:, 0]
+            return outT[col]
 
         error_feedback(W, Hinv, round_column, block_size)
+    out = outT.t()
     if perm is not None:
         out = out[:, torch.argsort(perm)]
     info["out_rel_error"] = _output_error(W0, out, H0)
@@ -134,23 +145,26 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, round_values, damp: 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None = None,
                   symmetric: bool = True, damp: float = 0.01, block_size: int = 128, act_order: bool = False,
-                  static_groups: bool = False) -> tuple[QuantizedWeight, dict]:
+                  static_groups: bool = False, keep_zeros: bool = False) -> tuple[QuantizedWeight, dict]:
     """Quantize weight [out, in] given the Hessian [in, in] of its inputs.
 
     info: damp (the relative damping finally used, None on RTN fallback), warning (str or None),
     out_rel_error / rtn_out_rel_error (relative output error on the calibration inputs, GPTQ vs RTN).
     Group parameters are computed up front on the un-permuted weight ("static groups") whenever
     act_order is on (or static_groups, or per-channel), otherwise when each group's first column is reached.
+    keep_zeros: weights that are exactly zero (pruned) are quantized to exactly zero and their error is spread
+    like any other column's, so a pruned model stays pruned (prune -> quantize chains).
     """
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be between 2 and 8, got {bits}")
     with _one_thread(weight.device):
-        return _gptq(weight, hessian, bits, group_size, symmetric, damp, block_size, act_order, static_groups)
+        return _gptq(weight, hessian, bits, group_size, symmetric, damp, block_size, act_order, static_groups,
+                     keep_zeros)
 
 
-def _gptq(weight, hessian, bits, group_size, symmetric, damp, block_size, act_order, static_groups):
+def _gptq(weight, hessian, bits, group_size, symmetric, damp, block_size, act_order, static_groups, keep_zeros):
     W0 = weight.detach().float()
     out_f, n = W0.shape
     H0 = hessian.detach().to(device=W0.device, dtype=torch.float32)
@@ -168,25 +182,39 @@ def _gptq(weight, hessian, bits, group_size, symmetric, damp, block_size, act_or
     else:
         scales = torch.empty(out_f, n_groups, dtype=torch.float16, device=W.device)
         zeros = None if symmetric else torch.empty(out_f, n_groups, dtype=torch.uint8, device=W.device)
-    group_of = (perm if perm is not None else torch.arange(n, device=W.device)).div(gs, rounding_mode="floor").tolist()
 
-    codes = torch.empty(out_f, n, dtype=torch.uint8, device=W.device)
+    # per-column grid in processing order, float32 (codes stay float in the loop: exact small integers)
+    codes = torch.empty(n, out_f, device=W.device)
+    maxq, mid = 2**bits - 1, float(2 ** (bits - 1))
+    col_scale = col_zero = None
+    if static:
+        order = perm if perm is not None else torch.arange(n, device=W.device)
+        col_scale = scales.float().t()[group_of_t(order, gs)].contiguous()
+        col_zero = None if zeros is None else zeros.float().t()[group_of_t(order, gs)].contiguous()
+    cur = {}
+    pruned = (W == 0).t().contiguous() if keep_zeros else None  # in processing order, like W
 
     def round_column(col, w, upcoming):
-        g = group_of[col]
-        if not static and col % gs == 0:
-            # from the current (error-updated) values, also when a group starts mid-block
-            cur = upcoming(gs)
-            s, z = compute_qparams(cur, bits, cur.shape[1], symmetric)
-            scales[:, g:g + 1] = s
-            if zeros is not None:
-                zeros[:, g:g + 1] = z
-        s, z = scales[:, g:g + 1], None if zeros is None else zeros[:, g:g + 1]
-        q = quantize_codes(w, s, z, bits, 1)
-        codes[:, col] = q[:, 0]
-        return dequantize(q, s, z, bits, 1)
+        if static:
+            s, z = col_scale[col], mid if col_zero is None else col_zero[col]
+        else:
+            if col % gs == 0:  # from the current (error-updated) values, also when a group starts mid-block
+                block = upcoming(gs)
+                sg, zg = compute_qparams(block, bits, block.shape[1], symmetric)
+                g = col // gs
+                scales[:, g:g + 1] = sg
+                if zeros is not None:
+                    zeros[:, g:g + 1] = zg
+                cur["s"], cur["z"] = sg.float()[:, 0], mid if zg is None else zg.float()[:, 0]
+            s, z = cur["s"], cur["z"]
+        q = torch.round(w / s).add_(z).clamp_(0, maxq)
+        if pruned is not None:  # the code of 0.0: the zero point (0 is always on the grid)
+            q = torch.where(pruned[col], z, q)
+        codes[col] = q
+        return (q - z).mul_(s)
 
     error_feedback(W, Hinv, round_column, block_size)
+    codes = codes.t().to(torch.uint8)
 
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
@@ -197,32 +225,64 @@ def _gptq(weight, hessian, bits, group_size, symmetric, damp, block_size, act_or
 
 
 class GPTQObserver(Observer):
-    """For core.calibrate: H = 2/n X^T X (float32, running mean over tokens) per linear, then gptq_quantize."""
+    """For core.calibrate: H = 2/n X^T X (float32) per linear, then gptq_quantize.
+
+    Linears fed the same input tensor (q/k/v, gate/up) share one accumulator: X^T X is computed and added once
+    per batch for them, and they get the same H object (gptq_quantize never modifies its Hessian). Sums are
+    normalised once, when apply() first reads self.H."""
 
     name = "gptq"
 
     def __init__(self, step):
         self.step = step
         self.skip = list(step.skip)
-        self.H: dict[str, torch.Tensor] = {}
-        self.count: dict[str, int] = {}
+        self.count: dict[str, int] = {}  # tokens seen, per accumulator owner
+        self._sum: dict[str, torch.Tensor] = {}  # owner -> sum of X^T X
+        self._owner: dict[str, str] = {}  # linear -> the linear whose accumulator it shares
+        self._final: dict[str, torch.Tensor] | None = None
         self._last = self._xtx = None
+        self._added: list[str] = []  # owners whose accumulator already holds the current input tensor
+
+    @property
+    def H(self) -> dict[str, torch.Tensor]:
+        """Per linear, H = 2/n X^T X of its calibration inputs so far (a dict the caller may pop from)."""
+        if self._final is None:
+            for owner, acc in self._sum.items():
+                acc.mul_(2.0 / self.count[owner])
+            self._final = {name: self._sum[owner] for name, owner in self._owner.items() if owner in self._sum}
+            self._sum, self._owner = {}, {}
+        return self._final
+
+    @H.setter
+    def H(self, value: dict) -> None:
+        self._final = value
 
     def observe(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
-        n, m = self.count.get(name, 0), x.numel() // x.shape[-1]
+        if self._final is not None:  # a new layer: the previous one's Hessians were handed out
+            self._final, self.count = None, {}
+        m = x.numel() // x.shape[-1]
         if m == 0:
             return
-        if x is not self._last:  # q/k/v (gate/up) get the same input tensor: compute X^T X once for them
+        if x is not self._last:
             f = x.reshape(-1, x.shape[-1]).float()
-            self._last, self._xtx = x, f.t() @ f
-        H = self.H.get(name)
-        if H is None:
-            H = self.H[name] = torch.zeros_like(self._xtx)
-        H.mul_(n / (n + m)).add_(self._xtx, alpha=2.0 / (n + m))
-        self.count[name] = n + m
+            self._last, self._xtx, self._added = x, f.t() @ f, []
+        # first batch: share the accumulator of the linear that got this very tensor just before
+        owner = self._owner.setdefault(name, self._added[0] if self._added else name)
+        if owner != name and owner not in self._added:
+            # fed a different tensor than its owner (never seen in transformers layers): from now on, alone
+            owner = self._owner[name] = name
+        if owner not in self._added:
+            acc = self._sum.get(owner)
+            if acc is None:
+                self._sum[owner] = self._xtx.clone()
+            else:
+                acc.add_(self._xtx)
+            self.count[owner] = self.count.get(owner, 0) + m
+            self._added.append(owner)
 
     def nbytes(self) -> int:
-        return sum(h.numel() * h.element_size() for h in [*self.H.values(), self._xtx] if h is not None)
+        held = [*self._sum.values(), *(self._final or {}).values(), self._xtx]
+        return tensor_bytes(h for h in held if h is not None)
 
     def apply(self, ctx: LayerContext) -> list[dict]:
         s = self.step
@@ -237,10 +297,12 @@ class GPTQObserver(Observer):
                     qw = quantize_rtn(linear.weight, s.bits, s.group_size, s.symmetric)
                     info = {**_NO_INFO, "warning": "no calibration tokens reached this layer: fell back to RTN"}
                 else:
+                    # a layer a pruning step emptied (>= 25 % exact zeros) keeps its zeros
+                    keep = float((linear.weight == 0).float().mean()) >= PRUNED_FRACTION
                     qw, info = gptq_quantize(linear.weight, H, s.bits, s.group_size, s.symmetric,
                                              damp=getattr(s, "damp", 0.01), block_size=getattr(s, "block_size", 128),
                                              act_order=getattr(s, "act_order", False),
-                                             static_groups=getattr(s, "static_groups", False))
+                                             static_groups=getattr(s, "static_groups", False), keep_zeros=keep)
             del H
             rec = replace_with_quantized(ctx.model, name, linear, qw)
             rec.update(method="gptq", **info)
