@@ -353,3 +353,21 @@ def test_structured_refuses_other_architectures():
         structured_prune(_tiny("gpt2"), SimpleNamespace(mlp_sparsity=0.25), torch.randint(0, 128, (2, 16)))
     with pytest.raises(UnsupportedError):
         structured_prune(_tiny("llama"), SimpleNamespace(remove_layers=2), torch.randint(0, 128, (2, 16)))
+
+
+def test_sparse_linear_under_inference_mode_then_no_grad():
+    """The decode scratch buffers made under inference_mode (evaluation) must not leak into no_grad calls."""
+    from core.prune.sparse import SparseLinear
+
+    lin = torch.nn.Linear(16, 8)
+    with torch.no_grad():
+        lin.weight[:, ::2] = 0
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    for fmt in ("bitmask", "nm"):
+        s = SparseLinear.from_linear(lin, fmt, 2, 4)
+        with torch.inference_mode():
+            a = s(x)
+        with torch.no_grad():
+            b = s(x)
+            torch.testing.assert_close(a, b)
+            torch.testing.assert_close(b, lin(x))

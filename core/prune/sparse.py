@@ -66,7 +66,8 @@ def _scratch(slot: str, numel: int, dtype: torch.dtype, device, reuse: bool) -> 
     pool = getattr(_WORKSPACE, "pool", None)
     if pool is None:
         pool = _WORKSPACE.pool = {}
-    key = (slot, dtype, device)
+    # tensors made under inference_mode cannot be updated in place outside it (and vice versa): one pool each
+    key = (slot, dtype, device, torch.is_inference_mode_enabled())
     buf = pool.get(key)
     if buf is None or buf.numel() < numel:
         buf = pool[key] = torch.empty(numel, dtype=dtype, device=device)
