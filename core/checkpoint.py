@@ -23,7 +23,6 @@ restores the ties and returns the model in eval mode.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import shutil
@@ -37,6 +36,7 @@ from torch import nn
 
 from . import paths
 from .errors import ModelLoadError, UnsupportedError
+from .models import sha256_file
 
 FORMAT_VERSION = 1
 QUANT_CONFIG = "slimlm_quant.json"
@@ -146,14 +146,6 @@ def _float_dtype(model: nn.Module, compressed: set[str]) -> str:
         if p.is_floating_point() and name.rpartition(".")[0] not in compressed:
             return str(p.dtype).removeprefix("torch.")
     return "float32"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_compressed(model: nn.Module, tokenizer, out_dir, info: dict | None = None, overwrite: bool = False) -> Path:

@@ -41,15 +41,11 @@ from ..calibrate import (
     LayerContext,
     Observer,
     as_linear,
-    calibration_targets,
     find_decoder_layers,
-    run_calibrated,
 )
-from ..errors import UnsupportedError
+from .gptq import quantize_weights_calibrated
 from .linear import (
     Progress,
-    _untie,
-    find_linears,
     replace_with_quantized,
     shared_weight_names,
 )
@@ -330,22 +326,11 @@ def quantize_model_awq(model: nn.Module, step, windows: torch.Tensor, device="cp
     ([n, window_len] token ids); step: bits, group_size, symmetric, skip, n_grid, clip. Float nn.Linear layers
     outside the decoder layers (not skipped) get RTN, with a warning in their record. Returns a
     core.calibrate.CalibrationRecords (records + the pass's `.stats`, incl. scaled_groups)."""
-    prefix, layers = find_decoder_layers(model)
-    inside = [n for i, layer in enumerate(layers) for n in calibration_targets(layer, f"{prefix}.{i}", step.skip)]
-    outside = [(n, m) for n, m in find_linears(model, step.skip) if not n.startswith(prefix + ".")]
-    if not inside and not outside:
-        raise UnsupportedError(f"AWQ found no floating-point linear layers to quantize (skip={step.skip}).")
-    tied = shared_weight_names(model, inside + [n for n, _ in outside])
+    prefix, _ = find_decoder_layers(model)
     groups = [(p, ls) for p, ls in smoothing_groups(model) if p.startswith(prefix + ".")]
-    records, stats = run_calibrated(model, windows, AWQObserver(step, groups), device, progress)
-    for name, linear in outside:
-        with torch.no_grad():
-            qw = quantize_rtn(linear.weight, step.bits, step.group_size, step.symmetric)
-        rec = replace_with_quantized(model, name, linear, qw)
-        rec.update(_NO_INFO, method="rtn", warning="outside the decoder layers (no calibrated inputs): RTN")
-        records.append(rec)
-    if tied:
-        _untie(model, tied)
+    records = quantize_weights_calibrated(model, step, windows, lambda: AWQObserver(step, groups), "AWQ", device,
+                                          progress)
+    stats = records.stats
     stats["scaled_groups"] = len({r["scale_group"] for r in records if r.get("alpha")})
     stats["foldable_groups"] = len(groups)
-    return CalibrationRecords(records, stats)
+    return records

@@ -13,13 +13,31 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..calibrate import (CalibrationRecords, LayerContext, Observer, as_linear, calibration_targets,
-                         find_decoder_layers, run_calibrated)
+from ..calibrate import (
+    CalibrationRecords,
+    LayerContext,
+    Observer,
+    as_linear,
+    calibration_targets,
+    find_decoder_layers,
+    run_calibrated,
+)
 from ..errors import UnsupportedError
+from .linear import (
+    Progress,
+    _untie,
+    find_linears,
+    replace_with_quantized,
+    shared_weight_names,
+)
 from .memory_accounting import tensor_bytes
-from .linear import Progress, _untie, find_linears, replace_with_quantized, shared_weight_names
 from .packing import pack_bits
-from .rtn import QuantizedWeight, compute_qparams, dequantize, effective_group_size, quantize_codes, quantize_rtn
+from .rtn import (
+    QuantizedWeight,
+    compute_qparams,
+    effective_group_size,
+    quantize_rtn,
+)
 
 PRUNED_FRACTION = 0.25  # layers with at least this fraction of exact zeros were pruned: GPTQ keeps them zero
 DAMP_TRIES = 5  # damp, 10x, 100x, ... before giving up on a Hessian
@@ -62,7 +80,7 @@ def error_feedback(W: torch.Tensor, Hinv: torch.Tensor, round_column, block_size
         diag = Hinv1.diagonal().tolist()
         for i in range(i2 - i1):
             w = W1[i]
-            upcoming = lambda k, i=i: torch.cat([W1[i:], WT[i2:]])[:k].t()  # noqa: E731
+            upcoming = lambda k, i=i, W1=W1, i2=i2: torch.cat([W1[i:], WT[i2:]])[:k].t()  # noqa: E731
             err = Err1[i]
             torch.sub(w, round_column(i1 + i, w, upcoming), out=err).div_(diag[i])
             W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
@@ -316,13 +334,21 @@ def quantize_model_gptq(model: nn.Module, step, windows: torch.Tensor, device="c
     ([n, window_len] token ids). Float nn.Linear layers outside the decoder layers (not skipped) get RTN, with a
     warning in their record. Returns a core.calibrate.CalibrationRecords: a list of per-layer records whose
     `.stats` holds the calibration pass's seconds and peak memory."""
+    return quantize_weights_calibrated(model, step, windows, lambda: GPTQObserver(step), "GPTQ", device, progress)
+
+
+def quantize_weights_calibrated(model: nn.Module, step, windows: torch.Tensor, observer, method: str,
+                                device="cpu", progress: Progress | None = None) -> CalibrationRecords:
+    """The driver shared by the calibrated weight-only methods (GPTQ, AWQ): run observer() (built once the
+    model has been checked) through the calibration pass; float linears outside the decoder layers get RTN in
+    the same format, with a warning; tied weights are untied so the other owner (the embedding) stays float."""
     prefix, layers = find_decoder_layers(model)
     inside = [n for i, layer in enumerate(layers) for n in calibration_targets(layer, f"{prefix}.{i}", step.skip)]
     outside = [(n, m) for n, m in find_linears(model, step.skip) if not n.startswith(prefix + ".")]
     if not inside and not outside:
-        raise UnsupportedError(f"GPTQ found no floating-point linear layers to quantize (skip={step.skip}).")
+        raise UnsupportedError(f"{method} found no floating-point linear layers to quantize (skip={step.skip}).")
     tied = shared_weight_names(model, inside + [n for n, _ in outside])
-    records, stats = run_calibrated(model, windows, GPTQObserver(step), device, progress)
+    records, stats = run_calibrated(model, windows, observer(), device, progress)
     for name, linear in outside:
         with torch.no_grad():
             qw = quantize_rtn(linear.weight, step.bits, step.group_size, step.symmetric)
