@@ -3,6 +3,7 @@ magnitude / Wanda / SparseGPT at 50 % unstructured and 2:4, Wanda+OWL at 50 %, s
 MLP channels and of 4 decoder layers.
 
   .venv/bin/python benchmarks/pruning_probe.py [--quick] [--only NAME ...] [--no-latency]
+  .venv/bin/python benchmarks/pruning_probe.py --latency-rounds 5   # CPU latency, settings interleaved
   python benchmarks/pruning_probe.py --semi-structured OUT.json   # on a CUDA GPU: 2:4 layer speed vs dense
 
 Per setting: perplexity, KL vs the float32 baseline and top-1 agreement (16 eval windows x 256 tokens of the
@@ -128,6 +129,48 @@ def semi_structured_probe(out: str, batches=(1, 4, 16, 32, 64), repeats: int = 2
     Path(out).write_text(json.dumps(res, indent=2))
 
 
+def latency_rounds(rounds: int, out: str) -> None:
+    """Decode / prefill latency of the dense baseline, the structured settings and the two sparse storage formats,
+    measured interleaved (A, B, C, ... then again, `rounds` times) in one process, so background load hits every
+    setting alike. Sparse rows use magnitude masks (the storage format, not the method, sets the speed)."""
+    import statistics
+
+    src = models.resolve("smollm2-135m")
+    tok = models.load_tokenizer(src)
+    base = models.load_model(src)
+    cal = data.calibration_windows(tok, "brown", 256, 32, 0)
+    prompt = data.prompt_tokens(tok, "brown", 128)
+    variants = {"baseline fp32": base}
+    for name, step in (("structured MLP -25%", SimpleNamespace(mlp_sparsity=0.25)),
+                       ("structured -4 layers", SimpleNamespace(remove_layers=4))):
+        variants[name] = copy.deepcopy(base)
+        structured_prune(variants[name], step, cal)
+    for name, pattern in (("sparse 50% bitmask", "unstructured"), ("sparse 2:4 compact", "2:4")):
+        variants[name] = copy.deepcopy(base)
+        prune_model(variants[name], SimpleNamespace(method="magnitude", sparsity=0.5, pattern=pattern,
+                                                    skip=["lm_head"]), None)
+        compress_sparse(variants[name], skip=["lm_head"])
+    res = {n: {"decode_ms": [], "prefill_ms": []} for n in variants}
+    for r in range(rounds):
+        for name, model in variants.items():
+            lat = measure_latency(model, prompt, 16, [1], 1, 3)
+            res[name]["decode_ms"].append(lat["decode_ms"]["median"])
+            res[name]["prefill_ms"].append(lat["prefill_ms"]["median"])
+            print(f"round {r}: {name}: decode {lat['decode_ms']['median']:.1f} ms, "
+                  f"prefill {lat['prefill_ms']['median']:.0f} ms", flush=True)
+    rows = []
+    b = statistics.median(res["baseline fp32"]["decode_ms"])
+    for name, v in res.items():
+        d = statistics.median(v["decode_ms"])
+        rows.append({"setting": name, "decode_ms_median_of_rounds": d, "decode_vs_baseline": d / b,
+                     "prefill_ms_median_of_rounds": statistics.median(v["prefill_ms"]),
+                     "params": param_count(variants[name]), "weight_bytes": module_bytes(variants[name]), **v})
+        print(f"| {name} | {d:.1f} | {d / b:.2f}x | {rows[-1]['prefill_ms_median_of_rounds']:.0f} |")
+    Path(out).write_text(json.dumps({"date": datetime.date.today().isoformat(), "env": environment("cpu"),
+                                     "protocol": f"{rounds} interleaved rounds; each: prompt 128, decode 16 tokens "
+                                                 "at batch 1, warmup 1, repeats 3, median", "rows": rows}, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--semi-structured", metavar="OUT_JSON",
@@ -135,8 +178,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="4 eval windows, 8 calibration windows")
     ap.add_argument("--only", nargs="*", help="setting names to run (default: all)")
     ap.add_argument("--no-latency", action="store_true")
+    ap.add_argument("--latency-rounds", type=int, metavar="N",
+                    help="only latency: baseline, structured and sparse formats interleaved N times, then exit")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/pruning_probe.json"))
     args = ap.parse_args()
+    if args.latency_rounds:
+        latency_rounds(args.latency_rounds, str(ROOT / "benchmarks/results/pruning_latency_cpu.json"))
+        return
     if args.semi_structured:
         semi_structured_probe(args.semi_structured)
         return
