@@ -224,6 +224,20 @@ class MeasureOptions(_Strict):
         return sorted(set(v))
 
 
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+WEIGHT_QUANT_METHODS = ("rtn", "gptq", "awq", "w8a8")
+
+
+def save_refusal(methods: list[str]) -> str | None:
+    """Why a run with these step methods cannot save its model (None: it can)."""
+    if "bnb" in methods:
+        return "a bitsandbytes model cannot be saved (it quantizes while loading)"
+    last_prune = max((i for i, m in enumerate(methods) if m in PRUNE_METHODS), default=None)
+    if last_prune is not None and not any(m in WEIGHT_QUANT_METHODS for m in methods[last_prune:]):
+        return "saving the sparse storage of unstructured / N:M pruning is not supported yet (quantize after pruning, or use structured pruning)"
+    return None
+
+
 class Experiment(_Strict):
     model: str = DEFAULT_MODEL
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -236,9 +250,9 @@ class Experiment(_Strict):
     @field_validator("save_model")
     @classmethod
     def _save(cls, v: bool, info) -> bool:
-        if v and any(s.method == "bnb" for s in info.data.get("steps") or []):
-            raise ValueError("a bitsandbytes model cannot be saved (it quantizes while loading): "
-                             "turn save_model off for this run")
+        why = save_refusal([s.method for s in info.data.get("steps") or []])
+        if v and why:
+            raise ValueError(f"{why}: turn save_model off for this run")
         return v
 
     @field_validator("model")

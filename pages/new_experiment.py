@@ -6,7 +6,7 @@ from core.assets import DEFAULT_MODEL_NOTE
 from core.errors import RecipeError, SlimError
 from core.models import BUILTIN_MODELS, resolve_device
 from core.quant.bnb import bnb_status
-from core.recipe import DEFAULT_MODEL, parse_experiment
+from core.recipe import DEFAULT_MODEL, parse_experiment, save_refusal
 from core.store import Store
 
 store = st.session_state.get("store") or Store()
@@ -235,7 +235,7 @@ measure = {
 
 save_model = st.checkbox(
     "Save the compressed model", key="save_model",
-    help="Each run that compresses the model (not the baseline, not bitsandbytes) saves it in its artifacts "
+    help="Each run that compresses the model (not the baseline, bitsandbytes or a run ending in unstructured pruning) saves it in its artifacts "
          "folder (safetensors + a quantization config; deleted with the run). Run detail shows where, and the "
          "command that measures it again without recompressing.")
 
@@ -248,7 +248,7 @@ if st.button(f"Run {n} experiment{'s' * (n != 1)}", type="primary", disabled=not
             experiments.append(parse_experiment({"model": model, "dtype": dtype, "device": device,
                                                  "steps": steps, "measure": measure, "name": exp_name,
                                                  "save_model": save_model and bool(steps)
-                                                 and not any(s["method"] == "bnb" for s in steps)}))
+                                                 and save_refusal([s["method"] for s in steps]) is None}))
         except RecipeError as e:
             errors.append(f"**{label}** — {e}")
     if errors:

@@ -211,3 +211,15 @@ def test_pruning_settings_errors():
     with pytest.raises(RecipeError, match="sparsity"):
         parse_experiment({"steps": [{"method": "magnitude", "sparsity": 1.0}]})
     assert parse_experiment({"steps": [{"method": "wanda", "sparsity": 0.6, "owl": True}]}).label() == "Wanda 60% OWL"
+
+
+def test_save_refused_for_sparse_storage_but_not_after_quantization():
+    from core.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="sparse storage"):
+        parse_experiment({"steps": [{"method": "wanda"}], "save_model": True})
+    with pytest.raises(RecipeError, match="bitsandbytes"):
+        parse_experiment({"steps": [{"method": "bnb"}], "save_model": True})
+    ok = parse_experiment({"steps": [{"method": "sparsegpt", "pattern": "2:4"}, {"method": "gptq"}], "save_model": True})
+    assert ok.save_model
+    assert parse_experiment({"steps": [{"method": "structured", "mlp_sparsity": 0.25}], "save_model": True}).save_model
