@@ -17,8 +17,18 @@ from torch import nn
 from ..calibrate import CalibrationRecords, LayerContext, as_linear, run_calibrated
 from .gptq import GPTQObserver, gptq_round
 from .linear import find_linears
-from .w8a8 import (channel_scale, fold_smoothing, group_scales, quantize_model_w8a8, quantize_with_scale,
-                   replace_with_w8a8, search_alpha, smoothable_groups, w8a8_output_error)
+from .memory_accounting import tensor_bytes
+from .w8a8 import (
+    channel_scale,
+    fold_smoothing,
+    group_scales,
+    quantize_model_w8a8,
+    quantize_with_scale,
+    replace_with_w8a8,
+    search_alpha,
+    smoothable_groups,
+    w8a8_output_error,
+)
 
 SAMPLE_ROWS = 512  # input rows kept per linear (spread over the windows) for the alpha search and error figures
 
@@ -50,7 +60,7 @@ class W8A8Observer(GPTQObserver):
 
     def nbytes(self) -> int:
         stats = [*self.absmax.values(), *(t for ts in self.samples.values() for t in ts)]
-        return super().nbytes() + sum(t.numel() * t.element_size() for t in stats)
+        return super().nbytes() + tensor_bytes(stats)  # q/k/v share one sample: counted once
 
     def _smooth(self, ctx: LayerContext, x: dict[str, torch.Tensor]) -> list[dict]:
         """Smooth the groups produced inside this layer; rescale x (samples) and H to the smoothed inputs."""
