@@ -102,6 +102,14 @@ def app(page=None, **query):
     return at
 
 
+def app_without_presets():
+    """The New experiment page with the default presets unticked."""
+    at = app()
+    for key in ("preset_baseline", "preset_rtn8", "preset_rtn4g64"):
+        at.checkbox(key=key).uncheck()
+    return at
+
+
 def texts(at, kind):
     return " ".join(str(e.value) for e in getattr(at, kind))
 
@@ -131,9 +139,7 @@ def test_new_experiment_invalid_bits_shows_error_and_submits_nothing(store, subm
 
 
 def test_new_experiment_negative_group_size(store, submitted):
-    at = app()
-    for key in ("preset_baseline", "preset_rtn8", "preset_rtn4g64"):
-        at.checkbox(key=key).uncheck()
+    at = app_without_presets()
     at.checkbox(key="custom_on").check().run()
     at.number_input(key="custom_group").set_value(-8)
     at.button(key="submit").click().run()
@@ -141,9 +147,7 @@ def test_new_experiment_negative_group_size(store, submitted):
 
 
 def test_new_experiment_custom_gptq(store, submitted):
-    at = app()
-    for key in ("preset_baseline", "preset_rtn8", "preset_rtn4g64"):
-        at.checkbox(key=key).uncheck()
+    at = app_without_presets()
     at.checkbox(key="custom_on").check().run()
     at.radio(key="custom_method").set_value("gptq").run()
     at.number_input(key="custom_bits").set_value(3)
@@ -156,9 +160,7 @@ def test_new_experiment_custom_gptq(store, submitted):
 
 
 def test_new_experiment_custom_w8a8(store, submitted):
-    at = app()
-    for key in ("preset_baseline", "preset_rtn8", "preset_rtn4g64"):
-        at.checkbox(key=key).uncheck()
+    at = app_without_presets()
     at.checkbox(key="w8_on").check().run()
     at.radio(key="w8_scheme").set_value("fp8")
     at.radio(key="w8_smooth").set_value("fixed").run()
@@ -174,9 +176,7 @@ def test_new_experiment_custom_w8a8(store, submitted):
 
 
 def test_new_experiment_custom_pruning_chain(store, submitted):
-    at = app()
-    for key in ("preset_baseline", "preset_rtn8", "preset_rtn4g64"):
-        at.checkbox(key=key).uncheck()
+    at = app_without_presets()
     at.checkbox(key="pr_on").check().run()
     at.radio(key="pr_method").set_value("sparsegpt")
     at.selectbox(key="pr_pattern").set_value("2:4")

@@ -403,22 +403,21 @@ def probe_host(seconds: float = 0.5) -> Hardware:
 
     a = np.ones(32 * 2**20, dtype=np.float32)  # 128 MiB, far above any cache
     b = np.empty_like(a)
-    np.copyto(b, a)
-    best, t_end = math.inf, time.perf_counter() + seconds / 2
-    while time.perf_counter() < t_end or best == math.inf:
-        t = time.perf_counter()
-        np.copyto(b, a)
-        best = min(best, time.perf_counter() - t)
-    bw = 2 * a.nbytes / best
+
+    def best_time(fn) -> float:
+        """Fastest of repeated calls of fn within seconds / 2 (after one warm-up call)."""
+        fn()
+        best, t_end = math.inf, time.perf_counter() + seconds / 2
+        while time.perf_counter() < t_end or best == math.inf:
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    bw = 2 * a.nbytes / best_time(lambda: np.copyto(b, a))
     n = 1024
     x, y = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(x, y)
-    best, t_end = math.inf, time.perf_counter() + seconds / 2
-    while time.perf_counter() < t_end or best == math.inf:
-        t = time.perf_counter()
-        torch.mm(x, y)
-        best = min(best, time.perf_counter() - t)
-    fl = 2 * n**3 / best / TERA
+    fl = 2 * n**3 / best_time(lambda: torch.mm(x, y)) / TERA
     return Hardware(f"This machine ({os.cpu_count()} CPUs, measured)", "cpu", bandwidth_gbs=bw / GB, bf16_tflops=fl,
                     fp32_tflops=fl, memory_gb=psutil.virtual_memory().total / GB, price_per_hour=0.0,
                     bw_efficiency=1.0, flop_efficiency=1.0)
