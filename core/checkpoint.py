@@ -12,13 +12,20 @@ A checkpoint is a directory:
                                         constructor arguments, the tied names ({alias: name in the file}), and
                                         `info` (the steps that made it, base model, date)
 
-Formats are a registry keyed by module class (FORMATS: class -> Format(name, to_config, from_config)), so a new
-compressed module plugs in with one register_format() call. Loading builds the model from its config with its
-parameters on the meta device (accelerate.init_empty_weights(include_buffers=False): buffers computed at
-construction, such as rotary inv_freq, which the file does not hold, stay real), swaps the listed modules for
-meta-device instances of their class, checks every name / shape / dtype against the file, then assigns the
-file's tensors (load_state_dict(assign=True): no float weight is allocated twice, none for replaced modules),
-restores the ties and returns the model in eval mode.
+Formats are a registry keyed by module class (FORMATS: class -> Format(name, to_config, from_config, check,
+to_saved)), so a new compressed module plugs in with one register_format() call. Built in: "packed-int"
+(QuantLinear), "w8a8-int8" / "w8a8-fp8" (W8A8Linear / FP8Linear) and "sparse" (core.prune.sparse.SparseLinear:
+its `storage` "bitmask" (values [nnz] + 1-bit mask; nnz varies per layer and is recorded), "nm" (values +
+packed in-group positions; n, m recorded) or "csr" (values [nnz] + uint8 column indices + int32 row pointers);
+a CUDA-only "semi_structured" module is written as its "nm" 2:4 equivalent, so it loads as "nm").
+
+Loading builds the model from its config with its parameters on the meta device
+(accelerate.init_empty_weights(include_buffers=False): buffers computed at construction, such as rotary inv_freq,
+which the file does not hold, stay real), swaps the listed modules for meta-device instances of their class, checks
+every name / shape / dtype against the file, then assigns the file's tensors (load_state_dict(assign=True): no
+float weight is allocated twice, none for replaced modules), restores the ties, runs each format's consistency check
+on the loaded data (e.g. a sparse mask whose set bits do not match the number of values: a corrupt file whose
+checksum was not recorded) and returns the model in eval mode.
 """
 from __future__ import annotations
 
@@ -51,16 +58,21 @@ class Format(NamedTuple):
     name: str
     to_config: Callable[[nn.Module], dict]  # module -> JSON-able constructor arguments
     from_config: Callable[[dict], nn.Module]  # those arguments -> an empty module on the meta device
+    check: Callable[[nn.Module], str | None] | None = None  # loaded module -> why its data is inconsistent, or None
+    to_saved: Callable[[nn.Module], nn.Module] | None = None  # module -> the module written in its place
 
 
 FORMATS: dict[type, Format] = {}
 
 
 def register_format(cls: type, name: str, to_config: Callable[[nn.Module], dict],
-                    from_config: Callable[[dict], nn.Module]) -> None:
+                    from_config: Callable[[dict], nn.Module], check: Callable[[nn.Module], str | None] | None = None,
+                    to_saved: Callable[[nn.Module], nn.Module] | None = None) -> None:
     """Make `cls` savable: `to_config(module)` gives its constructor arguments, `from_config(args)` an empty
-    instance (meta device) whose state_dict names, shapes and dtypes match what the module stores."""
-    FORMATS[cls] = Format(name, to_config, from_config)
+    instance (meta device) whose state_dict names, shapes and dtypes match what the module stores. Optional:
+    `check(module)` after loading says why the loaded data is inconsistent (None: fine); `to_saved(module)` gives
+    the module to write instead (e.g. a portable layout of a device-only one; itself for most)."""
+    FORMATS[cls] = Format(name, to_config, from_config, check, to_saved)
 
 
 def _register_builtin() -> None:
@@ -78,6 +90,31 @@ def _register_builtin() -> None:
     for cls in (W8A8Linear, FP8Linear):
         register_format(cls, f"w8a8-{cls.scheme}", linear_dims,
                         lambda c, cls=cls: cls(c["in_features"], c["out_features"], bias=c["bias"], device="meta"))
+
+    from .prune.sparse import SparseLinear
+
+    def float_dtype(name) -> torch.dtype:
+        dt = getattr(torch, name, None) if isinstance(name, str) else None
+        if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+            raise ValueError(f"{name!r} is not a floating-point dtype")
+        return dt
+
+    def sparse_config(m) -> dict:
+        c = {**linear_dims(m), "storage": m.format, "dtype": str(m.values.dtype).removeprefix("torch.")}
+        if m.format == "nm":
+            c.update(n=m.n, m=m.m)
+        else:  # bitmask / csr: the number of stored values varies per layer
+            c["nnz"] = m.values.numel()
+        if m.bias is not None and m.bias.dtype != m.values.dtype:
+            c["bias_dtype"] = str(m.bias.dtype).removeprefix("torch.")
+        return c
+
+    register_format(
+        SparseLinear, "sparse", sparse_config,
+        lambda c: SparseLinear.empty(c["in_features"], c["out_features"], c["storage"], c.get("n"), c.get("m"),
+                                     bias=c["bias"], dtype=float_dtype(c["dtype"]), nnz=c.get("nnz"),
+                                     bias_dtype=float_dtype(c["bias_dtype"]) if "bias_dtype" in c else None),
+        check=SparseLinear.check, to_saved=SparseLinear.portable)
 
 
 _register_builtin()
@@ -119,13 +156,20 @@ def _storage_key(t: torch.Tensor):
     return (t.device.type, t.untyped_storage().data_ptr())
 
 
-def _tensors_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(name -> CPU contiguous tensor, each distinct tensor once; alias name -> name it is stored under)."""
+def _tensors_to_save(model: nn.Module, saved_as: dict[str, nn.Module] | None = None
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(name -> CPU contiguous tensor, each distinct tensor once; alias name -> name it is stored under).
+    saved_as: module name -> the module whose tensors are written in its place (Format.to_saved)."""
     tensors: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
     first_of: dict[int, str] = {}
     storages: set = set()
-    for name, t in model.state_dict(keep_vars=True).items():
+    state = model.state_dict(keep_vars=True)
+    if saved_as:
+        state = {k: t for k, t in state.items() if not any(k.startswith(f"{p}.") for p in saved_as)}
+        for p, module in saved_as.items():
+            state.update({f"{p}.{k}": t for k, t in module.state_dict(keep_vars=True).items()})
+    for name, t in state.items():
         if id(t) in first_of:
             tied[name] = first_of[id(t)]
             continue
@@ -157,9 +201,14 @@ def save_compressed(model: nn.Module, tokenizer, out_dir, info: dict | None = No
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UnsupportedError(f"{out_dir} already exists: choose another place to save the model.")
     _check_savable(model)
-    modules = {name: {"format": FORMATS[type(m)].name, **FORMATS[type(m)].to_config(m)}
+    saved_as = {}  # modules written as another module (Format.to_saved), e.g. CUDA 2:4 semi-structured -> "nm"
+    for name, m in model.named_modules():
+        fmt = FORMATS.get(type(m))
+        if fmt is not None and fmt.to_saved is not None and (other := fmt.to_saved(m)) is not m:
+            saved_as[name] = other
+    modules = {name: {"format": FORMATS[type(m)].name, **FORMATS[type(m)].to_config(saved_as.get(name, m))}
                for name, m in model.named_modules() if type(m) in FORMATS}
-    tensors, tied = _tensors_to_save(model)
+    tensors, tied = _tensors_to_save(model, saved_as)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
@@ -357,7 +406,8 @@ def _check_state(f: Path, expected: dict[str, torch.Tensor], state: dict[str, to
 def load_compressed(path, device: str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
     """Rebuild the model saved by save_compressed (eval mode, on `device`). Every tensor comes back in the dtype it
     was saved in; a `dtype` other than the saved float dtype then casts the model (QuantLinear and W8A8Linear keep
-    their storage dtypes through .to(); a new format should do the same)."""
+    their storage dtypes through .to(); a new format should do the same; a SparseLinear's `values` are float
+    weights and are cast like them, its mask / indices are not)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -401,6 +451,13 @@ def load_compressed(path, device: str = "cpu", dtype: torch.dtype | None = None)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if leftover:
         raise CheckpointError(f"{f}: no data for {_names(leftover)}.")
+    for name, entry in meta.get("modules", {}).items():
+        check = by_name[entry["format"]].check
+        why = check(model.get_submodule(name)) if check is not None else None
+        if why:
+            raise CheckpointError(f"{f} is corrupt: module '{name}' ({entry['format']}"
+                                  f"{' ' + entry['storage'] if isinstance(entry.get('storage'), str) else ''}): "
+                                  f"{why}.")
     if (path / "generation_config.json").is_file():
         try:
             model.generation_config = GenerationConfig.from_pretrained(path)

@@ -109,6 +109,130 @@ def test_registry_takes_a_new_format(tmp_path, monkeypatch):
     assert_same(model, loaded, 96)
 
 
+def _pruned(pattern="unstructured", layout="auto", bias=False, dtype=torch.float32, hidden=320):
+    """small_llama pruned by magnitude (50 % or N:M) and stored sparse; hidden 320: two CSR column blocks."""
+    from core.prune.sparse import compress_sparse
+    from core.prune.unstructured import prune_model
+
+    model = small_llama(bias=bias, hidden=hidden).to(dtype)
+    prune_model(model, SimpleNamespace(method="magnitude", sparsity=0.5, pattern=pattern, skip=["lm_head"]), None)
+    recs = compress_sparse(model, skip=["lm_head"], layout=layout)
+    assert len(recs) == 7
+    return model, {r["format"] for r in recs}
+
+
+def assert_same_decode(a, b, vocab):
+    """One more check than assert_same: a single-token forward (the batch-1 decode shape) is bit-identical too."""
+    ids = torch.randint(0, vocab, (1, 1), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+@pytest.mark.parametrize("pattern,layout,storage", [
+    ("unstructured", "smallest", "bitmask"), ("unstructured", "csr", "csr"),
+    ("2:4", "smallest", "nm"), ("2:4", "csr", "csr")])
+def test_sparse_roundtrip(tmp_path, pattern, layout, storage):
+    from core.prune.sparse import SparseLinear
+
+    bias = storage != "nm"
+    model, formats = _pruned(pattern, layout, bias)
+    assert formats == {storage}
+    loaded, out = roundtrip(model, tmp_path)
+    for name, m in model.named_modules():
+        if isinstance(m, SparseLinear):
+            lm = loaded.get_submodule(name)
+            assert type(lm) is SparseLinear and lm.format == storage and (lm.n, lm.m, lm.block) == (m.n, m.m, m.block)
+            assert torch.equal(lm.dense_weight(), m.dense_weight()) and lm.check() is None
+    assert_same(model, loaded, 96)  # same tensors, same logits bit for bit
+    assert_same_decode(model, loaded, 96)
+    assert module_bytes(loaded) == module_bytes(model)  # the same memory figure
+    size, counted = (out / "model.safetensors").stat().st_size, module_bytes(model)
+    assert counted <= size < counted + 150 * len(model.state_dict()) + 1024  # the file holds what is counted
+    meta = json.loads((out / "slimlm_quant.json").read_text())
+    entry = meta["modules"]["model.layers.0.self_attn.q_proj"]
+    q = model.model.layers[0].self_attn.q_proj
+    want = {"format": "sparse", "in_features": 320, "out_features": 320, "bias": bias, "storage": storage,
+            "dtype": "float32"}
+    want.update({"n": q.n, "m": q.m} if storage == "nm" else {"nnz": q.values.numel()})
+    assert entry == want
+    # nnz varies per layer
+    if storage != "nm":
+        assert len({e["nnz"] for e in meta["modules"].values()}) > 1
+
+
+def test_sparse_nm_4_8_roundtrip(tmp_path):
+    """N:M other than 2:4 (3-bit positions; compress_sparse prefers the bitmask there, so made directly)."""
+    from core.prune.masks import magnitude_scores, nm_mask
+    from core.prune.sparse import SparseLinear
+
+    model = small_llama(bias=True)
+    for name in ("model.layers.0.mlp.up_proj", "model.layers.0.self_attn.k_proj"):
+        lin = model.get_submodule(name)
+        with torch.no_grad():
+            lin.weight.mul_(nm_mask(magnitude_scores(lin.weight), 4, 8))
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, SparseLinear.from_linear(lin, "nm", 4, 8))
+    loaded, _ = roundtrip(model, tmp_path)
+    up = loaded.model.layers[0].mlp.up_proj
+    assert (up.format, up.n, up.m) == ("nm", 4, 8) and up.check() is None
+    assert_same(model, loaded, 96)
+    assert module_bytes(loaded) == module_bytes(model)
+
+
+def test_sparse_bf16_roundtrip_and_cast(tmp_path):
+    model, formats = _pruned("unstructured", "auto", bias=True, dtype=torch.bfloat16)
+    assert formats == {"bitmask"}  # no CPU sparse kernel for bf16: the smallest layout
+    loaded, out = roundtrip(model, tmp_path)
+    assert json.loads((out / "slimlm_quant.json").read_text())["dtype"] == "bfloat16"
+    assert loaded.model.layers[0].mlp.up_proj.values.dtype == torch.bfloat16
+    assert_same(model, loaded, 96)
+    f32 = load_compressed(out, dtype=torch.float32)  # values are float weights: cast like one, indices kept
+    up = f32.model.layers[0].mlp.up_proj
+    assert up.values.dtype == torch.float32 and up.mask.dtype == torch.uint8
+    assert torch.equal(up.dense_weight(), model.model.layers[0].mlp.up_proj.dense_weight().float())
+
+
+def test_semi_structured_saved_as_nm(tmp_path):
+    """The CUDA-only 2:4 semi-structured module is written as its N:M equivalent (faked here on the CPU: only its
+    to_dense() is used when saving)."""
+    from core.prune.sparse import SparseLinear
+
+    model, _ = _pruned("2:4", "smallest", bias=True)
+    ref = {n: (m.dense_weight(), m.bias.detach().clone()) for n, m in model.named_modules()
+           if isinstance(m, SparseLinear)}
+    name = "model.layers.0.mlp.gate_proj"
+    W, b = ref[name]
+    fake = SparseLinear(W.shape[1], W.shape[0], "semi_structured", 2, 4)
+    fake._ss = SimpleNamespace(to_dense=lambda: W.clone(), dtype=W.dtype)
+    fake.bias = torch.nn.Parameter(b.clone(), requires_grad=False)
+    before = model.get_submodule(name)
+    model.model.layers[0].mlp.gate_proj = fake
+    out = save_compressed(model, None, tmp_path / "ckpt", {})
+    assert json.loads((out / "slimlm_quant.json").read_text())["modules"][name]["storage"] == "nm"
+    assert model.get_submodule(name) is fake  # the model itself is untouched
+    model.model.layers[0].mlp.gate_proj = before
+    loaded = load_compressed(out)
+    assert loaded.get_submodule(name).format == "nm"
+    assert_same(model, loaded, 96)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_semi_structured_saved_as_nm_cuda(tmp_path):
+    from core.prune.sparse import SparseLinear
+
+    model, _ = _pruned("2:4", "smallest", bias=True, dtype=torch.float16, hidden=128)
+    lin = torch.nn.Linear(128, 128).half()
+    with torch.no_grad():
+        lin.weight.copy_(model.model.layers[0].self_attn.q_proj.dense_weight())
+        lin.bias.copy_(model.model.layers[0].self_attn.q_proj.bias)
+    ss = SparseLinear.from_linear(lin.cuda(), "semi_structured")
+    model.model.layers[0].self_attn.q_proj = ss
+    out = save_compressed(model, None, tmp_path / "ckpt", {})
+    loaded = load_compressed(out)
+    q = loaded.model.layers[0].self_attn.q_proj
+    assert q.format == "nm" and torch.equal(q.dense_weight(), ss.dense_weight().cpu())
+
+
 # ---------------------------------------------------------------- whole models
 
 @pytest.mark.parametrize("how", ["rtn", "w8a8"])
@@ -242,6 +366,89 @@ def test_future_format_version(saved):
     _edit_meta(saved, lambda m: m.update(format_version=checkpoint.FORMAT_VERSION + 1, slimlm_version="9.0"))
     with pytest.raises(CheckpointError, match=r"format_version 2 \(written by slimlm 9\.0\).*upgrade"):
         load_compressed(saved)
+
+
+@pytest.fixture(params=["bitmask", "csr", "nm"])
+def saved_sparse(request, tmp_path):
+    model, _ = _pruned("2:4" if request.param == "nm" else "unstructured",
+                       "csr" if request.param == "csr" else "smallest", bias=True)
+    return save_compressed(model, None, tmp_path / "sparse", {}), request.param
+
+
+def _rewrite(path, fn, meta_fn=None):
+    """Change the tensors of a saved checkpoint (and its description), recording the new size and checksum, as a
+    file corrupted before it was checksummed would be."""
+    from safetensors.torch import load_file, save_file
+
+    f = path / "model.safetensors"
+    tensors = load_file(str(f))
+    fn(tensors)
+    save_file(tensors, str(f), metadata={"format": "pt", "slimlm_format_version": "1"})
+    _edit_meta(path, lambda m: (m.update(weights_bytes=f.stat().st_size, weights_sha256=checkpoint.sha256_file(f)),
+                                meta_fn and meta_fn(m)))
+
+
+def test_sparse_truncated_and_corrupt_files(saved_sparse):
+    path, _ = saved_sparse
+    f = path / "model.safetensors"
+    good = f.read_bytes()
+    f.write_bytes(good[:-64])  # the end of the last tensor's data is gone
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_compressed(path)
+    data = bytearray(good)
+    data[-64] ^= 0x01
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="is corrupt: its sha256 does not match"):
+        load_compressed(path)
+
+
+def test_sparse_truncated_values_tensor(saved_sparse):
+    path, storage = saved_sparse
+    key = "model.layers.0.mlp.up_proj.values"
+    _rewrite(path, lambda t: t.update({key: t[key][:-3]}))
+    with pytest.raises(CheckpointError, match=r"wrong shape or dtype: model\.layers\.0\.mlp\.up_proj\.values"):
+        load_compressed(path)
+    if storage != "nm":  # the recorded nnz edited to match (csr: its column indices cut too): the mask / row
+        # pointers still tell
+        cols = "model.layers.0.mlp.up_proj.cols"
+        _rewrite(path, lambda t: storage == "csr" and t.update({cols: t[cols][:-3]}),
+                 lambda m: m["modules"]["model.layers.0.mlp.up_proj"].update(
+                     nnz=m["modules"]["model.layers.0.mlp.up_proj"]["nnz"] - 3))
+        with pytest.raises(CheckpointError, match=r"is corrupt: module 'model\.layers\.0\.mlp\.up_proj' \(sparse "
+                                                  + storage + r"\): its (mask marks|row pointers count) \d+ non-zeros "
+                                                  r"but it holds \d+ values"):
+            load_compressed(path)
+
+
+def test_sparse_corrupt_index_data(saved_sparse):
+    path, storage = saved_sparse
+    pre = "model.layers.0.self_attn.o_proj."
+
+    def corrupt(t):
+        if storage == "bitmask":
+            t[pre + "mask"][0, 0] ^= 0x01  # one more or one fewer non-zero than values
+        elif storage == "csr":
+            t[pre + "cols"][:2] = 255  # beyond the 160-column block
+        else:
+            t[pre + "indices"].zero_()  # every kept pair at position 0
+    _rewrite(path, corrupt)
+    why = {"bitmask": "its mask marks", "csr": "a column index of block 0 is beyond the block",
+           "nm": "its positions are not increasing"}[storage]
+    with pytest.raises(CheckpointError, match=rf"is corrupt: module '{pre[:-1]}' \(sparse {storage}\): {why}"):
+        load_compressed(path)
+
+
+def test_sparse_bad_arguments(saved_sparse):
+    path, storage = saved_sparse
+    name = "model.layers.0.mlp.up_proj"
+    original = json.loads((path / "slimlm_quant.json").read_text())["modules"][name]
+    for change in ({"storage": "semi_structured"}, {"dtype": "int8"}, {"dtype": "no_such_dtype"},
+                   {"nnz": -1} if storage != "nm" else {"m": 3}):
+        _edit_meta(path, lambda m, change=change: m["modules"][name].update(change))
+        with pytest.raises(CheckpointError, match=rf"bad arguments for module '{name}' \(format sparse\)"):
+            load_compressed(path)
+        _edit_meta(path, lambda m: m["modules"].update({name: dict(original)}))
+    assert load_compressed(path) is not None
 
 
 def test_missing_quant_config(saved):

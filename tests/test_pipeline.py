@@ -6,6 +6,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from core import jobs
 from core.errors import DataError
@@ -183,7 +184,7 @@ def test_pruning_steps_and_chains_through_the_pipeline(tiny_model_dir, corpus_fi
     assert mag["memory"]["sparsity"]["linear_sparsity"] == pytest.approx(0.5, abs=0.01)
     assert mag["memory"]["sparsity"]["sparse_stored_linears"] == 14
     assert mag["memory"]["weight_bytes"] < base["memory"]["weight_bytes"]  # stored compressed, not dense
-    assert all(r["storage"] == "bitmask" and r["bytes"] < r["orig_bytes"] for r in mag["layers"])
+    assert all(r["storage"] in ("bitmask", "csr") and r["bytes"] < r["orig_bytes"] for r in mag["layers"])
 
     # 2:4 SparseGPT, then 4-bit GPTQ: one experiment, the 2:4 zeros survive quantization
     exp = _exp(tiny_model_dir, corpus_file, [{"method": "sparsegpt", "pattern": "2:4", "calibration": calib},
@@ -213,13 +214,48 @@ def test_pruning_settings_errors():
     assert parse_experiment({"steps": [{"method": "wanda", "sparsity": 0.6, "owl": True}]}).label() == "Wanda 60% OWL"
 
 
-def test_save_refused_for_sparse_storage_but_not_after_quantization():
+def test_pruned_runs_can_save_but_bnb_cannot():
     from core.errors import RecipeError
 
-    with pytest.raises(RecipeError, match="sparse storage"):
-        parse_experiment({"steps": [{"method": "wanda"}], "save_model": True})
     with pytest.raises(RecipeError, match="bitsandbytes"):
         parse_experiment({"steps": [{"method": "bnb"}], "save_model": True})
-    ok = parse_experiment({"steps": [{"method": "sparsegpt", "pattern": "2:4"}, {"method": "gptq"}], "save_model": True})
-    assert ok.save_model
-    assert parse_experiment({"steps": [{"method": "structured", "mlp_sparsity": 0.25}], "save_model": True}).save_model
+    for steps in ([{"method": "wanda"}], [{"method": "magnitude", "pattern": "2:4"}],
+                  [{"method": "sparsegpt", "pattern": "2:4"}, {"method": "gptq"}],
+                  [{"method": "structured", "mlp_sparsity": 0.25}]):
+        assert parse_experiment({"steps": steps, "save_model": True}).save_model
+
+
+@pytest.mark.parametrize("step", [{"method": "magnitude", "sparsity": 0.5}, {"method": "magnitude", "pattern": "2:4"}])
+def test_pruned_run_saves_and_measures_again(tiny_model_dir, corpus_file, tmp_path, step, capsys, monkeypatch):
+    """A run ending in unstructured / N:M pruning saves its sparse storage; measured again from the saved directory
+    (run_experiment, and the CLI's --model DIR) it gives the same perplexity, memory figure and generations."""
+    import json
+
+    from core.__main__ import main
+    from core.prune.sparse import csr_fast_available
+
+    first = run_experiment(parse_experiment({"model": str(tiny_model_dir), "steps": [step], "save_model": True,
+                                             "measure": {**QUICK, "corpus": str(corpus_file)}}),
+                           artifact_dir=tmp_path / "run")
+    saved = first["saved_model"]
+    assert saved["path"] == str((tmp_path / "run" / "model").resolve())
+    meta = json.loads((tmp_path / "run" / "model" / "slimlm_quant.json").read_text())
+    storage = "csr" if csr_fast_available(torch.zeros(1)) else ("nm" if step.get("pattern") == "2:4" else "bitmask")
+    assert len(meta["modules"]) == 14 and {e["storage"] for e in meta["modules"].values()} == {storage}
+    assert {r["storage"] for r in first["layers"]} == {storage}
+    again = run_experiment(_exp(saved["path"], corpus_file))
+    assert again["accuracy"]["perplexity"] == first["accuracy"]["perplexity"]
+    assert again["accuracy"]["tokens"] == first["accuracy"]["tokens"]
+    assert again["memory"]["weight_bytes"] == first["memory"]["weight_bytes"] < first["memory"]["baseline_weight_bytes"]
+    assert again["memory"]["baseline_weight_bytes"] == first["memory"]["baseline_weight_bytes"]
+    assert again["samples"] == first["samples"]  # greedy generations through the same layers
+    assert again["latency"]["decode_ms"]["median"] > 0
+    assert again["model"]["compressed_checkpoint"]["steps"] == [parse_experiment({"steps": [step]}).steps[0].label()]
+    common = ["--corpus", str(corpus_file), "--eval-windows", str(QUICK["eval_windows"]), "--window-len",
+              str(QUICK["window_len"]), "--no-latency", "--no-samples"]
+    monkeypatch.setenv("SLIMLM_DATA", str(tmp_path / "data"))
+    capsys.readouterr()
+    assert main(["run", "--model", saved["path"], *common, "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    assert cli["accuracy"]["perplexity"] == first["accuracy"]["perplexity"]
+    assert cli["memory"]["weight_bytes"] == first["memory"]["weight_bytes"]

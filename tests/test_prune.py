@@ -2,6 +2,8 @@
 pass, and structured pruning of Llama-family models (reload with plain transformers)."""
 from __future__ import annotations
 
+import copy
+import pickle
 from types import SimpleNamespace
 
 import pytest
@@ -19,7 +21,13 @@ from core.prune.masks import (
     unstructured_mask,
     wanda_scores,
 )
-from core.prune.sparse import SparseLinear, compress_sparse
+from core.prune.sparse import (
+    CSR_MAX_ROWS,
+    SparseLinear,
+    best_format,
+    compress_sparse,
+    csr_fast_available,
+)
 from core.prune.sparsegpt import sparsegpt_prune
 from core.prune.structured import param_count, structured_prune
 from core.prune.unstructured import prune_model
@@ -187,19 +195,45 @@ def test_compress_sparse_saves_bytes_and_keeps_outputs():
     with torch.no_grad():
         ref = model(x).logits
     before = module_bytes(model.model.layers)
-    recs = compress_sparse(model, skip=["lm_head"])
+    smallest = copy.deepcopy(model)
+    recs = compress_sparse(smallest, skip=["lm_head"], layout="smallest")
     assert len(recs) == 14 and all(r["format"] == "bitmask" and r["bytes"] < r["dense_bytes"] for r in recs)
-    assert all(isinstance(model.get_submodule(r["name"]), SparseLinear) for r in recs)
-    assert module_bytes(model.model.layers) < 0.6 * before
+    assert all(isinstance(smallest.get_submodule(r["name"]), SparseLinear) for r in recs)
+    assert module_bytes(smallest.model.layers) < 0.6 * before
+    with torch.no_grad():
+        torch.testing.assert_close(smallest(x).logits, ref, atol=1e-5, rtol=1e-5)
+    # default layout on a CPU float32 model: the blocked CSR, whose fast path runs here (one byte more per non-zero)
+    recs = compress_sparse(model, skip=["lm_head"])
+    assert len(recs) == 14 and {r["format"] for r in recs} == {"csr" if csr_fast_available(ref) else "bitmask"}
+    assert module_bytes(model.model.layers) < 0.7 * before
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, ref, atol=1e-5, rtol=1e-5)
-    # 2:4 goes to the compact N:M layout; a 5 %-sparse layer is left dense
+    # 2:4 goes to the compact N:M layout (smallest); a 5 %-sparse layer is left dense
     model = _tiny("llama")
     prune_model(model, SimpleNamespace(method="magnitude", sparsity=0.5, pattern="2:4", skip=["lm_head"]), None)
-    assert {r["format"] for r in compress_sparse(model, skip=["lm_head"])} == {"nm"}
+    assert {r["format"] for r in compress_sparse(model, skip=["lm_head"], layout="smallest")} == {"nm"}
     model = _tiny("llama")
     prune_model(model, SimpleNamespace(method="magnitude", sparsity=0.05, pattern="unstructured", skip=[]), None)
     assert compress_sparse(model, min_sparsity=0.1) == []
+    with pytest.raises(ValueError, match="layout"):
+        compress_sparse(model, layout="fastest")
+
+
+def test_best_format_layouts():
+    torch.manual_seed(0)
+    W = torch.randn(40, 600)
+    W[torch.rand_like(W) < 0.5] = 0
+    dense = W.numel() * 4
+    assert best_format(W, layout="smallest")[0] == "bitmask"
+    fmt, _, _, nbytes = best_format(W, layout="csr")
+    assert fmt == "csr" and nbytes == int((W != 0).sum()) * 5 + 3 * 41 * 4  # 600 columns: 3 blocks of 200
+    assert best_format(W)[0] == ("csr" if csr_fast_available(W) else "bitmask")
+    assert best_format(W.bfloat16())[0] == "bitmask"  # no CPU sparse kernel for bf16: the smallest layout
+    W[torch.rand_like(W) < 0.8] = 0  # very sparse: every layout far below dense
+    assert best_format(W, layout="smallest")[3] < 0.25 * dense
+    W2 = torch.randn(40, 600)
+    W2[:, ::10] = 0  # 10 % sparse: CSR (5 bytes per non-zero) would exceed the dense 4, so auto keeps the bitmask
+    assert best_format(W2)[0] == "bitmask"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
@@ -371,3 +405,115 @@ def test_sparse_linear_under_inference_mode_then_no_grad():
             b = s(x)
             torch.testing.assert_close(a, b)
             torch.testing.assert_close(b, lin(x))
+
+
+# ---- "csr": the CPU fast path, always against the plain reference (dense weight, F.linear) --------------------------
+
+def _sparse_weight(out_f, in_f, density, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out_f, in_f, generator=g, dtype=torch.float64).to(dtype)
+    return W * (torch.rand(out_f, in_f, generator=g) < density)
+
+
+# odd sizes: a single column, widths just over one / two blocks (257, 513), widths that are not a multiple of 8
+CSR_SHAPES = [(37, 99), (1, 1), (5, 600), (7, 257), (3, 513), (64, 256), (130, 77), (9, 1000)]
+
+
+@pytest.mark.parametrize("shape", CSR_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_csr_fast_path_matches_reference(shape, dtype):
+    out_f, in_f = shape
+    W = _sparse_weight(out_f, in_f, 0.45, dtype)
+    bias = torch.randn(out_f, generator=torch.Generator().manual_seed(5), dtype=dtype)
+    s = SparseLinear.from_weight(W, bias, "csr")
+    assert torch.equal(s.dense_weight(), W) and s.check() is None
+    assert s.crow.shape == (-(-in_f // s.block), out_f + 1) and s.block <= 256 and s.cols.dtype == torch.uint8
+    assert s.values.numel() == int((W != 0).sum()) and s.sparsity == pytest.approx(float((W == 0).double().mean()))
+    g = torch.Generator().manual_seed(1)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    for lead in [(1,), (1, 1), (2, 1), (3,), (1, 7), (CSR_MAX_ROWS,), (2, CSR_MAX_ROWS // 2), (CSR_MAX_ROWS + 1,)]:
+        x = torch.randn(*lead, in_f, generator=g, dtype=dtype)
+        ref = F.linear(x, W, bias)
+        for ctx in (torch.no_grad, torch.inference_mode):
+            with ctx():
+                assert s.uses_fast_path(x) == (x.numel() <= CSR_MAX_ROWS * in_f)
+                y = s(x)
+            assert y.shape == ref.shape and y.dtype == dtype and y.is_contiguous()
+            torch.testing.assert_close(y, ref, **tol)
+        torch.testing.assert_close(s(x), ref, **tol)  # grad enabled, x without grad: still the fast path
+
+
+def test_csr_reference_path_cases():
+    W = _sparse_weight(24, 300, 0.5)
+    s = SparseLinear.from_weight(W, None, "csr")
+    x = torch.randn(3, 300, generator=torch.Generator().manual_seed(2))
+    # autograd through x: the reference path, gradient as the dense layer's
+    xg = x.clone().requires_grad_()
+    assert not s.uses_fast_path(xg)
+    s(xg).sum().backward()
+    torch.testing.assert_close(xg.grad, W.sum(0).expand(3, -1))
+    # another dtype than the values (bf16 input; or the module cast to bf16): reference path, decoded in that dtype
+    with torch.no_grad():
+        assert not s.uses_fast_path(x.bfloat16())
+        torch.testing.assert_close(s(x.bfloat16()), F.linear(x.bfloat16(), W.bfloat16()))
+        sb = copy.deepcopy(s).bfloat16()
+        assert sb.cols.dtype == torch.uint8 and sb.crow.dtype == torch.int32
+        torch.testing.assert_close(sb(x.bfloat16()), F.linear(x.bfloat16(), W.bfloat16()))
+    # all-zero weight, and a weight whose whole first block is zero
+    for Wz in (torch.zeros(6, 300), torch.cat([torch.zeros(6, 150), torch.randn(6, 150)], 1)):
+        z = SparseLinear.from_weight(Wz, torch.ones(6), "csr")
+        with torch.no_grad():
+            for xx in (x[:1], x):
+                torch.testing.assert_close(z(xx), F.linear(xx, Wz, torch.ones(6)))
+        assert torch.equal(z.dense_weight(), Wz)
+
+
+def test_csr_views_cache_stays_right():
+    """The fast path keeps torch sparse views of a per-thread scratch buffer between calls: modules of different
+    sizes interleaved, a module cast (new buffers), deepcopy / pickle (no views carried) must all stay exact."""
+    Ws = [_sparse_weight(33, 700, 0.3, seed=1), _sparse_weight(50, 130, 0.6, seed=2),
+          _sparse_weight(9, 1500, 0.5, seed=3)]
+    mods = [SparseLinear.from_weight(W, None, "csr") for W in Ws]
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _ in range(3):
+            for W, s in zip(Ws, mods):
+                for rows in (1, 4):
+                    x = torch.randn(rows, W.shape[1], generator=g)
+                    torch.testing.assert_close(s(x), F.linear(x, W), rtol=1e-5, atol=1e-5)
+        s = mods[0]
+        assert s._csr_cache is not None
+        c = copy.deepcopy(s)
+        assert c._csr_cache is None and pickle.loads(pickle.dumps(s))._csr_cache is None
+        x = torch.randn(1, 700, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(c.double()(x), F.linear(x, Ws[0].double()))
+        with torch.inference_mode():  # a second scratch pool: other views
+            torch.testing.assert_close(s(x.float()), F.linear(x.float(), Ws[0]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(s(x.float()), F.linear(x.float(), Ws[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_check_finds_inconsistent_storage():
+    W = _sparse_weight(12, 44, 0.5)  # 44 columns: a multiple of 4, not of 8 (the mask has 4 padding bits a row)
+    Wn = W * nm_mask(magnitude_scores(W), 2, 4)
+    for fmt, w in (("bitmask", W), ("csr", W), ("nm", Wn)):
+        assert SparseLinear.from_weight(w, None, fmt).check() is None
+    s = SparseLinear.from_weight(W, None, "bitmask")
+    s.values = s.values[:-1]
+    assert "marks" in s.check()
+    s = SparseLinear.from_weight(W, None, "bitmask")
+    s.mask[0, -1] |= 0x80  # column 47 of a 44-column weight
+    assert "beyond the last column" in s.check()
+    s = SparseLinear.from_weight(Wn, None, "nm")
+    s.indices.zero_()  # both kept positions of every group at 0
+    assert "increasing" in s.check()
+    s = SparseLinear.from_weight(W, None, "csr")
+    s.crow[0, 3] = s.crow[0, 2] - 1
+    assert "row pointers" in s.check()
+    s = SparseLinear.from_weight(W, None, "csr")
+    s.cols[0] = 45
+    assert "beyond the block" in s.check()
+    s = SparseLinear.from_weight(W, None, "csr")
+    first_row = int(s.crow[0, 1])
+    assert first_row >= 2
+    s.cols[1] = s.cols[0]
+    assert "repeat or decrease" in s.check()
