@@ -1,14 +1,22 @@
 """Latency, measured the way optimum-benchmark does: warm up, repeat, synchronize, report the
 median and p90. Prefill (one forward over a prompt) and decode (one token at a time on the KV
 cache) are timed separately; decode throughput is measured at several batch sizes.
+
+On a GPU the decode loop is core.measure.decode's: a static KV cache and the one-token step replayed
+as a CUDA graph, timed with CUDA events, so the figures are the kernels' and not Python's launch
+overhead; the card is recorded. Elsewhere (CPU) each step is the model's plain forward on
+transformers' dynamic cache, timed with perf_counter. Either way the result has the same keys.
 """
 from __future__ import annotations
 
 import inspect
+import logging
 import statistics
 import time
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def _sync(device: torch.device) -> None:
@@ -30,9 +38,12 @@ def _prefill(model, ids: torch.Tensor):
     return out.past_key_values, out.logits[:, -1:].argmax(-1)
 
 
-def _decode_steps(model, ids: torch.Tensor, steps: int, device) -> list[float]:
-    """Prefill (untimed), then time each single-token decode step; greedy tokens."""
+def _decode_steps(model, ids: torch.Tensor, steps: int, device, tokens: list | None = None) -> list[float]:
+    """Prefill (untimed), then time each single-token decode step; greedy tokens (appended to `tokens`,
+    prefill's first, when given)."""
     cache, tok = _prefill(model, ids)
+    if tokens is not None:
+        tokens.append(tok)
     times = []
     for _ in range(steps):
         _sync(device)
@@ -42,24 +53,12 @@ def _decode_steps(model, ids: torch.Tensor, steps: int, device) -> list[float]:
         _sync(device)
         times.append(time.perf_counter() - t)
         cache = out.past_key_values
+        if tokens is not None:
+            tokens.append(tok)
     return times
 
 
-@torch.inference_mode()
-def measure_latency(model, prompt: torch.Tensor, decode_tokens: int, batch_sizes: list[int],
-                    warmup: int, repeats: int, progress=None) -> dict:
-    """prompt: 1-D token ids (real text, never zeros). Returns ms figures (median, p90)."""
-    device = next(model.parameters()).device
-    ids = prompt.unsqueeze(0).to(device)
-    total = (warmup + repeats) * (1 + len(batch_sizes))
-    done = 0
-
-    def tick():
-        nonlocal done
-        done += 1
-        if progress:
-            progress("latency", done, total)
-
+def _dynamic(model, ids, decode_tokens, batch_sizes, warmup, repeats, device, tick) -> dict:
     prefill = []
     for i in range(warmup + repeats):
         _sync(device)
@@ -85,13 +84,121 @@ def measure_latency(model, prompt: torch.Tensor, decode_tokens: int, batch_sizes
             decode_b1 = s
     if decode_b1 is None:
         decode_b1 = summarize(_decode_steps(model, ids, decode_tokens, device))
+    return {"prefill_ms": summarize(prefill), "decode_ms": decode_b1, "throughput": throughput,
+            "timer": "perf_counter", "decode_loop": "dynamic_cache_eager"}
+
+
+def _static(model, ids, decode_tokens, batch_sizes, warmup, repeats, tick, use_graph, compile) -> dict:
+    """The same measurements with core.measure.decode.StaticDecoder (CUDA events on a GPU). The batch-1
+    decoder times the prefill (runs that generate one token) and then its own decode."""
+    from .decode import StaticDecoder
+
+    max_len = ids.shape[1] + decode_tokens + 1
+    decoders: dict[int, StaticDecoder] = {}
+
+    def decoder(b: int) -> StaticDecoder:
+        if b not in decoders:
+            decoders[b] = StaticDecoder(model, b, max_len, use_graph=use_graph, compile=compile)
+        return decoders[b]
+
+    prefill = []
+    for i in range(warmup + repeats):
+        _, t = decoder(1).run(ids, 1)
+        if i >= warmup:
+            prefill.append(t["prefill_ms"] / 1e3)
+        tick()
+    throughput, decode_b1, modes, setup, tokens_b1 = [], None, {}, {}, None
+    for b in batch_sizes:
+        dec = decoder(b)
+        batch = ids.expand(b, -1).contiguous()
+        steps, pre = [], []
+        for i in range(warmup + repeats):
+            toks, t = dec.run(batch, decode_tokens + 1)
+            setup[b] = setup.get(b, 0.0) + t["setup_s"]
+            if i >= warmup:
+                steps.extend(s / 1e3 for s in t["step_ms"])
+                pre.append(t["prefill_ms"] / 1e3)
+            tick()
+        if b == 1:
+            tokens_b1 = toks
+        modes[b] = dec.mode
+        s = summarize(steps)
+        throughput.append({"batch": b, "tokens_per_s": b * 1000 / s["median"], "step_ms_median": s["median"],
+                           "step_ms_p90": s["p90"], "prefill_ms_median": summarize(pre)["median"], "mode": dec.mode,
+                           "setup_s": setup[b]})
+        if b == 1:
+            decode_b1 = s
+    if decode_b1 is None:
+        toks, t = decoder(1).run(ids, decode_tokens + 1)
+        tokens_b1 = toks
+        decode_b1 = summarize([s / 1e3 for s in t["step_ms"]])
+    warnings = sorted({w for d in decoders.values() for w in d.warnings})
+    mode = "static_cache+" + ("/".join(sorted(set(modes.values()))) or decoder(1).mode)
+    return {"prefill_ms": summarize(prefill), "decode_ms": decode_b1, "throughput": throughput,
+            "timer": "cuda_events" if ids.is_cuda else "perf_counter", "decode_loop": mode, "warnings": warnings,
+            "_tokens_b1": tokens_b1}
+
+
+@torch.inference_mode()
+def measure_latency(model, prompt: torch.Tensor, decode_tokens: int, batch_sizes: list[int],
+                    warmup: int, repeats: int, progress=None, static_decode: bool | None = None,
+                    use_graph: bool = True, compile: bool = False) -> dict:
+    """prompt: 1-D token ids (real text, never zeros). Returns ms figures (median, p90).
+
+    static_decode: None (default) = on CUDA, the static-cache decode loop with a CUDA graph (use_graph) and
+    CUDA events; on CPU, the dynamic-cache loop. True / False force either (the static loop on CPU runs
+    eagerly). If the static loop fails, or its first greedy tokens differ from the dynamic loop's, the
+    dynamic loop measures instead and `warnings` says why."""
+    device = next(model.parameters()).device
+    ids = prompt.unsqueeze(0).to(device)
+    total = (warmup + repeats) * (1 + len(batch_sizes))
+    done = 0
+
+    def tick():
+        nonlocal done
+        done += 1
+        if progress:
+            progress("latency", done, total)
+
+    static = device.type == "cuda" if static_decode is None else static_decode
+    res, warnings = None, []
+    if static:
+        try:
+            res = _static(model, ids, decode_tokens, batch_sizes, warmup, repeats, tick, use_graph, compile)
+            warnings += res.pop("warnings")
+            # guard against an architecture the static loop mishandles: its greedy tokens must start like the
+            # dynamic cache's (later ones may part on float ties)
+            ref: list = []
+            _decode_steps(model, ids, decode_tokens, device, ref)
+            ref = torch.cat(ref, dim=1)
+            got = res.pop("_tokens_b1")
+            n = min(4, ref.shape[1])
+            res["static_vs_dynamic_token_agreement"] = float((got == ref).float().mean())
+            if not torch.equal(got[:, :n], ref[:, :n]):
+                warnings.append(f"static-cache decode disagreed with the dynamic cache within the first {n} tokens "
+                                f"({got[0, :n].tolist()} vs {ref[0, :n].tolist()}): measured with the dynamic loop")
+                res = None
+        except Exception as e:  # noqa: BLE001
+            log.warning("static decode failed: %r", e)
+            warnings.append(f"static-cache decode failed ({type(e).__name__}: {str(e)[:300]}): measured with the "
+                            "dynamic loop")
+            res = None
+        if res is None:
+            done = 0
+    if res is None:
+        res = _dynamic(model, ids, decode_tokens, batch_sizes, warmup, repeats, device, tick)
     return {
         "device": str(device),
         "prompt_len": int(prompt.numel()),
         "decode_tokens": decode_tokens,
-        "prefill_ms": summarize(prefill),
-        "decode_ms": decode_b1,
-        "throughput": throughput,
+        "prefill_ms": res["prefill_ms"],
+        "decode_ms": res["decode_ms"],
+        "throughput": res["throughput"],
         "warmup": warmup,
         "repeats": repeats,
+        "timer": res["timer"],
+        "decode_loop": res["decode_loop"],
+        "card": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "static_vs_dynamic_token_agreement": res.get("static_vs_dynamic_token_agreement"),
+        "warnings": warnings,
     }
