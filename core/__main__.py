@@ -2,6 +2,7 @@
 
   python -m core setup                         fetch and cache the default model and corpus
   python -m core run [options]                 run one experiment in this process (progress bar)
+  python -m core resume ID                     continue a stopped distillation run from its checkpoint
   python -m core list | show ID | delete ID    inspect the store
   python -m core worker ID                     (used by the app) execute a queued run
 """
@@ -44,6 +45,11 @@ def summary(run) -> str:
     if lat:
         tp = ", ".join(f"b{t['batch']}: {t['tokens_per_s']:.1f} tok/s" for t in lat["throughput"])
         lines.append(f"  prefill {lat['prompt_len']} tok: {lat['prefill_ms']['median']:.1f} ms (p90 {lat['prefill_ms']['p90']:.1f})  decode {lat['decode_ms']['median']:.2f} ms/token (p90 {lat['decode_ms']['p90']:.2f})  {tp}  on {lat['device']}")
+    for d in m.get("distill") or []:
+        t = d.get("train") or {}
+        rec = "" if d.get("recovered_fraction") is None else f", recovered {d['recovered_fraction']:.0%} of the gap"
+        lines.append(f"  distillation: perplexity {d['perplexity_before']:.3f} -> {d['perplexity_after']:.3f} (teacher {d['teacher_perplexity']:.3f}){rec}; "
+                     f"{t.get('steps')} steps, {t.get('tokens')} tokens, {t.get('wall_s', 0):.0f} s on {t.get('device')} x{t.get('world_size', 1)}, stopped: {t.get('stopped')}")
     if saved := m.get("saved_model"):
         lines.append(f"  saved model: {saved['path']} ({_fmt_bytes(saved['bytes'])}); measure it again with: python -m core run --model {shlex.quote(saved['path'])}")
     for note in m.get("notes", []):
@@ -72,6 +78,9 @@ def main(argv=None) -> int:
     r.add_argument("--batch-sizes", help="comma-separated, e.g. 1,4,16")
     r.add_argument("--repeats", type=int)
     r.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    rs = sub.add_parser("resume", help="continue a failed or cancelled distillation run from its last checkpoint, here")
+    rs.add_argument("run_id")
+    rs.add_argument("--json", action="store_true")
     sub.add_parser("list", help="list runs")
     s = sub.add_parser("show", help="show one run")
     s.add_argument("run_id")
@@ -102,6 +111,8 @@ def main(argv=None) -> int:
             return 0
         if args.cmd == "run":
             return _run(args, store)
+        if args.cmd == "resume":
+            return _resume(args, store)
         if args.cmd == "list":
             from .jobs import reconcile
 
@@ -167,6 +178,25 @@ def _run(args, store) -> int:
         store.set_status_if_active(run_id, "cancelled", "Interrupted from the command line.")
         raise
     run = store.get(run_id)
+    print(json.dumps(run.metrics, indent=2) if args.json else summary(run))
+    return 0
+
+
+def _resume(args, store) -> int:
+    from .jobs import execute, resume
+
+    resume(args.run_id, store, spawn=False)
+    run = store.get(args.run_id)
+    print(f"resuming run {run.id}: {run.label}", file=sys.stderr)
+    try:
+        execute(run.id, store, echo=_bar)
+    except SlimError:
+        sys.stderr.write("\n")
+        raise
+    except KeyboardInterrupt:
+        store.set_status_if_active(run.id, "cancelled", "Interrupted from the command line.")
+        raise
+    run = store.get(run.id)
     print(json.dumps(run.metrics, indent=2) if args.json else summary(run))
     return 0
 

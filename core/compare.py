@@ -185,3 +185,10 @@ def output_error_frame(layers: list[dict]) -> pd.DataFrame:
                      "error": before})
         rows.append({"layer": r["name"], "stage": f"after: {method.upper() or 'method'}", "error": after})
     return pd.DataFrame(rows, columns=["layer", "stage", "error"])
+
+
+def distill_frames(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Training-loss and held-out-perplexity curves from a distillation log (core.distill.log)."""
+    train = pd.DataFrame([r for r in records if r.get("kind") == "train"], columns=["step", "tokens", "wall_s", "loss", "lr"])
+    evals = pd.DataFrame([r for r in records if r.get("kind") == "eval"], columns=["step", "tokens", "wall_s", "val_ppl"])
+    return train, evals

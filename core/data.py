@@ -211,6 +211,19 @@ def eval_windows(tokenizer, corpus: str, window_len: int, n: int) -> torch.LongT
     return _evenly_spaced(_windows(_corpus_ids(tokenizer, corpus, "eval"), window_len), n)
 
 
+def validation_windows(tokenizer, corpus: str, window_len: int, n: int, measured: int) -> torch.LongTensor:
+    """Held-out windows for tracking training (distillation): from the evaluation split, evenly spaced among the
+    windows that `eval_windows(..., measured)` does NOT return, so the final measurement stays unseen."""
+    windows = _windows(_corpus_ids(tokenizer, corpus, "eval"), window_len)
+    count = windows.shape[0]
+    used = set(_evenly_spaced(torch.arange(count)[:, None], measured)[:, 0].tolist())
+    free = torch.tensor([i for i in range(count) if i not in used], dtype=torch.long)
+    if free.numel() == 0:
+        raise DataError(f"The evaluation split has only {count} windows of {window_len} tokens, all used by the "
+                        f"measurement ({measured} windows): none is left to track training. Use fewer evaluation windows.")
+    return _evenly_spaced(windows[free], n)
+
+
 def calibration_windows(tokenizer, corpus: str, window_len: int, n: int, seed: int = 0) -> torch.LongTensor:
     windows = _windows(_corpus_ids(tokenizer, corpus, "calibration"), window_len)
     count = windows.shape[0]

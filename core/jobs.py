@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -27,6 +28,11 @@ DIED = "The worker process ended without reporting a result (killed, crashed or 
 
 def submit(experiment: Experiment, store: Store) -> str:
     run_id = store.create_run(experiment)
+    _spawn(run_id, store)
+    return run_id
+
+
+def _spawn(run_id: str, store: Store) -> None:
     log = open(store.artifact_dir(run_id) / "worker.log", "ab")
     env = dict(os.environ, SLIMLM_DATA=str(store.path.parent), PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
@@ -36,7 +42,31 @@ def submit(experiment: Experiment, store: Store) -> str:
     )
     log.close()
     store.update(run_id, pid=proc.pid)
-    return run_id
+
+
+def distill_checkpoints(run, store: Store) -> list:
+    return sorted((store.artifacts / run.id).glob("distill-*/checkpoint.pt"))
+
+
+def resumable(run, store: Store) -> bool:
+    """A failed or cancelled run with a distillation step and a saved training checkpoint."""
+    return (run.status in ("failed", "cancelled") and any(s.method == "distill" for s in run.experiment.steps)
+            and bool(distill_checkpoints(run, store)))
+
+
+def resume(run_id: str, store: Store, spawn: bool = True) -> None:
+    """Queue a stopped distillation run again (and start its worker unless spawn=False, for a caller that
+    executes it itself): the steps before it are recomputed (they are deterministic) and training continues
+    from its last checkpoint (same data order, same schedule)."""
+    run = store.get(run_id)
+    if run is None:
+        raise SlimError(f"No run with id {run_id}")
+    if not resumable(run, store):
+        raise SlimError(f"Run {run_id} cannot be resumed: only a failed or cancelled run with a distillation "
+                        "checkpoint can (its status is " + run.status + ")")
+    store.update(run_id, status="queued", error=None, stage="resuming", step=0, total=0, metrics=None)
+    if spawn:
+        _spawn(run_id, store)
 
 
 def _worker_alive(pid: int | None, run_id: str) -> bool:
@@ -67,10 +97,34 @@ def cancel(run_id: str, store: Store) -> bool:
     store.set_status_if_active(run_id, "cancelled", "Cancelled by the user.")
     if _worker_alive(run.pid, run_id):
         try:
-            os.killpg(os.getpgid(run.pid), signal.SIGKILL)
+            pgid = os.getpgid(run.pid)
         except ProcessLookupError:
-            pass
+            return True
+        if run.stage.startswith("distill"):
+            # a training worker saves a checkpoint at the end of its current step on SIGTERM (resumable);
+            # anything still alive after the grace period is killed
+            _signal_group(pgid, signal.SIGTERM)
+            timer = threading.Timer(CANCEL_GRACE_S, _kill_if_alive, (run.pid, run_id, pgid))
+            timer.daemon = True
+            timer.start()
+        else:
+            _signal_group(pgid, signal.SIGKILL)
     return True
+
+
+CANCEL_GRACE_S = 30.0
+
+
+def _signal_group(pgid: int, sig) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _kill_if_alive(pid: int, run_id: str, pgid: int) -> None:
+    if _worker_alive(pid, run_id):
+        _signal_group(pgid, signal.SIGKILL)
 
 
 class StoreProgress:
@@ -116,7 +170,9 @@ def execute(run_id: str, store: Store, echo=None) -> dict:
 
 
 def _execute(run, store: Store, echo) -> dict:
-    from .pipeline import run_experiment  # heavy imports (torch) only where work happens
+    from .pipeline import (
+        run_experiment,  # heavy imports (torch) only where work happens
+    )
 
     run_id = run.id
     store.update(run_id, status="running")

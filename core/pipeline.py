@@ -10,9 +10,9 @@ import copy
 import gc
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -24,7 +24,7 @@ from .measure.latency import measure_latency
 from .paths import ASSETS_DIR
 from .recipe import Experiment
 
-NOOP = lambda stage, step=0, total=0: None  # noqa: E731
+NOOP = lambda stage, step=0, total=0: None
 
 
 @dataclass
@@ -36,6 +36,14 @@ class StepContext:
     device: str
     progress: Callable
     calibration: list = field(default_factory=list)
+    # for distillation: the teacher (uncompressed model), the measurement windows and options, where to write
+    reference: object = None
+    eval_windows: object = None
+    measure: object = None
+    artifact_dir: Path | None = None
+    step_index: int = 0
+    methods: tuple = ()  # the experiment's step methods, in order
+    distill: list = field(default_factory=list)
 
 
 def _apply_rtn(model, step, ctx: StepContext):
@@ -88,7 +96,14 @@ def _structured(*args):
     return structured_prune(*args)
 
 
-# Steps applied to an already-loaded model. (bitsandbytes quantizes while loading: see _load.)
+def _distill(model, step, ctx: StepContext):
+    from .distill.step import apply_distill
+
+    return apply_distill(model, step, ctx)
+
+
+# Steps applied to an already-loaded model, in place; they return per-layer records. (bitsandbytes quantizes
+# while loading: see _load.) Steps in MODEL_REPLACING return the model that replaces it in the chain instead.
 STEP_APPLIERS = {
     "rtn": _apply_rtn,
     "gptq": _calibrated(_gptq),
@@ -96,13 +111,16 @@ STEP_APPLIERS = {
     "w8a8": _calibrated(_w8a8, lambda s: s.needs_calibration()),
     **{m: _calibrated(_prune, lambda s: s.needs_calibration()) for m in ("magnitude", "wanda", "sparsegpt")},
     "structured": _calibrated(_structured),
+    "distill": _distill,
 }
+MODEL_REPLACING = {"distill"}
 
 
 def _store_sparse(model, layers: list[dict], progress) -> dict:
     """After a chain with pruning: the linears still float (pruned, not quantized afterwards) go into the
-    compressed sparse storage where it is smaller (bitmask + values, or N:M values + indices), so the memory
-    figure is what the format really holds; their records get the stored bytes. Returns the decoder linears'
+    compressed sparse storage where it is smaller (core.prune.sparse: blocked CSR on CPU float32, else bitmask +
+    values or N:M values + indices), so the memory figure is what the format really holds; their records get the
+    stored bytes. Returns the decoder linears'
     measured sparsity (fraction of exactly-zero weights of all linears but lm_head, as stored; counted
     before the storage changes)."""
     from .calibrate import as_linear, is_linear
@@ -189,7 +207,8 @@ def run_experiment(exp: Experiment, progress=NOOP, artifact_dir: Path | None = N
 
     t = time.perf_counter()
     layers: list[dict] = []
-    ctx = StepContext(tokenizer, device, progress)
+    ctx = StepContext(tokenizer, device, progress, reference=reference, eval_windows=windows, measure=m,
+                      artifact_dir=artifact_dir, methods=tuple(s.method for s in exp.steps))
     for i, step in enumerate(exp.steps):
         if step.method == "bnb":
             from .quant.bnb import bnb_layer_records
@@ -197,7 +216,11 @@ def run_experiment(exp: Experiment, progress=NOOP, artifact_dir: Path | None = N
             layers += bnb_layer_records(model, reference)
             continue
         progress(f"step {i + 1}/{len(exp.steps)}: {step.label()}", 0, 1)
-        layers += STEP_APPLIERS[step.method](model, step, ctx)
+        ctx.step_index = i
+        if step.method in MODEL_REPLACING:
+            model = STEP_APPLIERS[step.method](model, step, ctx)
+        else:
+            layers += STEP_APPLIERS[step.method](model, step, ctx)
     sparsity = None
     if any(s.method in ("magnitude", "wanda", "sparsegpt") for s in exp.steps):
         sparsity = _store_sparse(model, layers, progress)
@@ -251,7 +274,7 @@ def run_experiment(exp: Experiment, progress=NOOP, artifact_dir: Path | None = N
     metrics = {
         "accuracy": accuracy, "memory": mem, "latency": latency, "layers": layers, "samples": samples,
         "calibration": ctx.calibration, "env": environment(device), "timings": timings, "model": info, "notes": notes,
-        "saved_model": saved_model,
+        "saved_model": saved_model, "distill": ctx.distill or None,
     }
     if artifact_dir is not None:
         (Path(artifact_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))

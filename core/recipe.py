@@ -194,10 +194,78 @@ class StructuredStep(_Strict):
         return "Structured: -" + ", -".join(p for p in parts if p) if any(parts) else "Structured (nothing removed)"
 
 
-Step = Annotated[Union[RTNStep, GPTQStep, AWQStep, W8A8Step, PruneStep, StructuredStep, BnbStep],
+class DistillStep(_Strict):
+    """Knowledge distillation (Hinton et al. 2015): train the student (the model as the steps before left it, or a
+    smaller configuration of it) to match the teacher's next-token distributions on the calibration split. Pruned
+    weights stay pruned; quantized layers train with fake quantization (straight-through) and are re-packed at the
+    end. Held-out perplexity (evaluation-split windows not used by the final measurement) is tracked every
+    `eval_every` steps; the best weights are kept. nproc > 1 launches that many processes with torchrun (DDP, or
+    FSDP2 with strategy "fsdp"), one GPU each."""
+
+    method: Literal["distill"] = "distill"
+    teacher: str = Field("baseline", description="'baseline' (the run's uncompressed model) or another model with the same tokenizer")
+    student_layers: int | None = Field(None, ge=1, description="smaller student: keep this many decoder layers (initialised from the teacher's)")
+    student_hidden_size: int | None = Field(None, ge=1, description="smaller student: hidden width (random initialisation)")
+    student_intermediate_size: int | None = Field(None, ge=1, description="smaller student: MLP width (random initialisation)")
+    kl: float = Field(1.0, ge=0, description="weight of forward KL(teacher || student)")
+    reverse_kl: float = Field(0.0, ge=0, description="weight of reverse KL(student || teacher)")
+    js: float = Field(0.0, ge=0, description="weight of the Jensen-Shannon divergence")
+    ce: float = Field(0.0, ge=0, description="weight of next-token cross-entropy on the training text")
+    hidden: float = Field(0.0, ge=0, description="weight of hidden-state matching (learned projection when widths differ)")
+    temperature: float = Field(1.0, gt=0, le=100)
+    max_steps: int = Field(100, ge=1, le=1_000_000)
+    time_budget_s: float | None = Field(None, gt=0, description="stop after this much training time (the schedule still spans max_steps)")
+    micro_batch: int = Field(4, ge=1, le=4096, description="windows per forward pass (per process)")
+    grad_accum: int = Field(1, ge=1, le=1024)
+    lr: float = Field(1e-4, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    warmup_steps: int = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    eval_every: int = Field(25, ge=1)
+    val_windows: int = Field(8, ge=1, le=4096)
+    patience: int = Field(0, ge=0, description="evaluations without improvement before stopping early (0 = never)")
+    checkpoint_every: int = Field(50, ge=1)
+    seed: int = Field(0, ge=0)
+    nproc: int = Field(1, ge=1, le=64, description="processes (one GPU each) launched with torchrun; 1 = in this process")
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    launcher: Literal["auto", "torchrun"] = Field("auto", description="auto: in this process when nproc is 1; torchrun: "
+                                                  "always launch processes (e.g. to compare 1 and N on one path)")
+    data: CalibrationOptions = Field(default_factory=lambda: CalibrationOptions(windows=1024),
+                                     description="training windows, drawn from the calibration split")
+
+    @model_validator(mode="after")
+    def _losses(self):
+        if not any((self.kl, self.reverse_kl, self.js, self.ce, self.hidden)):
+            raise ValueError("at least one loss weight (kl, reverse_kl, js, ce, hidden) must be positive")
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed max_steps ({self.max_steps})")
+        return self
+
+    def smaller_student(self) -> bool:
+        return any(v is not None for v in (self.student_layers, self.student_hidden_size, self.student_intermediate_size))
+
+    def label(self) -> str:
+        losses = [n for n, w in (("KL", self.kl), ("RKL", self.reverse_kl), ("JS", self.js), ("CE", self.ce),
+                                 ("hidden", self.hidden)) if w]
+        student = []
+        if self.student_layers:
+            student.append(f"{self.student_layers} layers")
+        if self.student_hidden_size:
+            student.append(f"hidden {self.student_hidden_size}")
+        if self.student_intermediate_size:
+            student.append(f"MLP {self.student_intermediate_size}")
+        who = f" into a student ({', '.join(student)})" if student else ""
+        teacher = "" if self.teacher == "baseline" else f" from {self.teacher}"
+        budget = f", ≤{self.time_budget_s:g} s" if self.time_budget_s else ""
+        return f"Distil{teacher}{who} ({'+'.join(losses)}, {self.max_steps} steps{budget}{', ' + str(self.nproc) + ' procs' if self.nproc > 1 else ''})"
+
+
+Step = Annotated[Union[RTNStep, GPTQStep, AWQStep, W8A8Step, PruneStep, StructuredStep, BnbStep, DistillStep],
                  Field(discriminator="method")]
 STEP_TYPES = {"rtn": RTNStep, "gptq": GPTQStep, "awq": AWQStep, "w8a8": W8A8Step, "magnitude": PruneStep,
-              "wanda": PruneStep, "sparsegpt": PruneStep, "structured": StructuredStep, "bnb": BnbStep}
+              "wanda": PruneStep, "sparsegpt": PruneStep, "structured": StructuredStep, "bnb": BnbStep,
+              "distill": DistillStep}
 
 
 class MeasureOptions(_Strict):
@@ -232,10 +300,7 @@ def save_refusal(methods: list[str]) -> str | None:
     """Why a run with these step methods cannot save its model (None: it can)."""
     if "bnb" in methods:
         return "a bitsandbytes model cannot be saved (it quantizes while loading)"
-    last_prune = max((i for i, m in enumerate(methods) if m in PRUNE_METHODS), default=None)
-    if last_prune is not None and not any(m in WEIGHT_QUANT_METHODS for m in methods[last_prune:]):
-        return "saving the sparse storage of unstructured / N:M pruning is not supported yet (quantize after pruning, or use structured pruning)"
-    return None
+    return None  # pruned runs save their sparse storage too (core/checkpoint.py, format "sparse")
 
 
 class Experiment(_Strict):
@@ -271,6 +336,18 @@ class Experiment(_Strict):
                 raise ValueError("a bitsandbytes step quantizes while loading, so it must be the first step")
         if sum(s.method == "bnb" for s in steps) > 1:
             raise ValueError("only one bitsandbytes step per experiment")
+        for i, s in enumerate(steps):
+            if s.method != "distill":
+                continue
+            if any(p.method == "bnb" for p in steps[:i]):
+                raise ValueError("a bitsandbytes model cannot be distilled (it cannot be trained here): use RTN, GPTQ, "
+                                 "AWQ or W8A8, which train with fake quantization")
+            if i > 0 and s.smaller_student():
+                raise ValueError("a smaller student (student_layers, ...) is built from the uncompressed model, so its "
+                                 "distillation step must come first")
+            if i == 0 and s.teacher == "baseline" and not s.smaller_student():
+                raise ValueError("distillation needs a student that differs from its teacher: put it after a "
+                                 "compression step, set a smaller student (student_layers, ...), or name another teacher")
         return steps
 
     def label(self) -> str:

@@ -57,6 +57,14 @@ PRESETS = [
     ("bnb_fp4", "bitsandbytes FP4", [{"method": "bnb", "mode": "fp4"}], "fp4", None),
 ]
 DEFAULT_PRESETS = {"baseline", "rtn8", "rtn4g64"}
+# Compression settings a distillation student can start from (the form's "Student" choice).
+DISTILL_STUDENTS = {
+    "SparseGPT 2:4": [{"method": "sparsegpt", "pattern": "2:4"}],
+    "Structured −25% MLP": [{"method": "structured", "mlp_sparsity": 0.25}],
+    "Wanda 50%": [{"method": "wanda", "sparsity": 0.5}],
+    "GPTQ int3 g64": [{"method": "gptq", "bits": 3, "group_size": 64}],
+    "RTN int4 g64": [{"method": "rtn", "bits": 4, "group_size": 64}],
+}
 
 
 @st.cache_resource(show_spinner="Checking which bitsandbytes modes work here…")
@@ -201,6 +209,55 @@ with left:
                     "RTN int8 per-channel": [{"method": "rtn", "bits": 8}]}[pr_then]
             selected.append(("Custom pruning", [first, *then], None))
 
+    with st.container(border=True):
+        ds_on = st.checkbox("Knowledge distillation (train the compressed model to match the original)", key="ds_on")
+        ds_student = st.radio("Student", list(DISTILL_STUDENTS) + ["smaller"], key="ds_student", disabled=not ds_on,
+                              horizontal=True, format_func=lambda k: "Fewer layers" if k == "smaller" else k,
+                              help="The compressed model the chosen setting makes, or a smaller configuration with "
+                                   "fewer decoder layers initialised from the original's.")
+        c1, c2, c3 = st.columns(3)
+        ds_layers = c1.number_input("Student layers", 1, 1000, 20, key="ds_layers",
+                                    disabled=not ds_on or ds_student != "smaller")
+        ds_teacher = c2.text_input("Teacher", "baseline", key="ds_teacher", disabled=not ds_on,
+                                   help="'baseline' (the uncompressed model) or another model with the same tokenizer.")
+        ds_nproc = c3.number_input("Processes (GPUs)", 1, 64, 1, key="ds_nproc", disabled=not ds_on,
+                                   help="More than 1 launches torchrun (DDP), one process per GPU.")
+        c1, c2, c3, c4, c5, c6 = st.columns(6)
+        ds_kl = c1.number_input("KL", 0.0, 100.0, 1.0, key="ds_kl", disabled=not ds_on, help="forward KL(teacher ‖ student)")
+        ds_rkl = c2.number_input("Reverse KL", 0.0, 100.0, 0.0, key="ds_rkl", disabled=not ds_on)
+        ds_js = c3.number_input("JS", 0.0, 100.0, 0.0, key="ds_js", disabled=not ds_on, help="Jensen-Shannon")
+        ds_ce = c4.number_input("Cross-entropy", 0.0, 100.0, 0.0, key="ds_ce", disabled=not ds_on,
+                                help="next-token loss on the training text")
+        ds_hidden = c5.number_input("Hidden states", 0.0, 100.0, 0.0, key="ds_hidden", disabled=not ds_on,
+                                    help="match hidden states (normalised MSE; learned projection when widths differ)")
+        ds_temp = c6.number_input("Temperature", 0.05, 100.0, 1.0, key="ds_temp", disabled=not ds_on)
+        c1, c2, c3, c4 = st.columns(4)
+        ds_steps = c1.number_input("Steps", 1, 1_000_000, 100, key="ds_steps", disabled=not ds_on)
+        ds_budget = c2.number_input("Time budget (s, 0 = none)", 0, 10**7, 600, key="ds_budget", disabled=not ds_on)
+        ds_lr = c3.number_input("Learning rate", 1e-7, 1.0, 1e-4, format="%.1e", key="ds_lr", disabled=not ds_on)
+        ds_batch = c4.number_input("Windows per step", 1, 4096, 4, key="ds_batch", disabled=not ds_on,
+                                   help="micro-batch per process (× gradient accumulation below)")
+        c1, c2, c3, c4 = st.columns(4)
+        ds_accum = c1.number_input("Gradient accumulation", 1, 1024, 1, key="ds_accum", disabled=not ds_on)
+        ds_eval = c2.number_input("Evaluate every (steps)", 1, 100_000, 25, key="ds_eval", disabled=not ds_on)
+        ds_patience = c3.number_input("Early-stop patience", 0, 1000, 0, key="ds_patience", disabled=not ds_on,
+                                      help="evaluations without improvement before stopping (0 = never)")
+        ds_windows = c4.number_input("Training windows", 1, 4096, 1024, key="ds_windows", disabled=not ds_on,
+                                     help="256-token windows of the calibration split (never the evaluation split)")
+        if ds_on:
+            distill = {"method": "distill", "teacher": ds_teacher.strip() or "baseline", "kl": float(ds_kl),
+                       "reverse_kl": float(ds_rkl), "js": float(ds_js), "ce": float(ds_ce), "hidden": float(ds_hidden),
+                       "temperature": float(ds_temp), "max_steps": int(ds_steps),
+                       "time_budget_s": float(ds_budget) or None, "lr": float(ds_lr), "micro_batch": int(ds_batch),
+                       "grad_accum": int(ds_accum), "eval_every": int(ds_eval), "patience": int(ds_patience),
+                       "warmup_steps": min(10, int(ds_steps)), "nproc": int(ds_nproc),
+                       "data": {"windows": int(ds_windows)}}
+            if ds_student == "smaller":
+                chain = [dict(distill, student_layers=int(ds_layers))]
+            else:
+                chain = [*DISTILL_STUDENTS[ds_student], distill]
+            selected.append(("Custom distillation", chain, None))
+
 with right:
     st.subheader("Measurement")
     st.caption(
@@ -235,7 +292,7 @@ measure = {
 
 save_model = st.checkbox(
     "Save the compressed model", key="save_model",
-    help="Each run that compresses the model (not the baseline, bitsandbytes or a run ending in unstructured pruning) saves it in its artifacts "
+    help="Each run that compresses the model (not the baseline or bitsandbytes) saves it in its artifacts "
          "folder (safetensors + a quantization config; deleted with the run). Run detail shows where, and the "
          "command that measures it again without recompressing.")
 

@@ -7,7 +7,8 @@ import plotly.express as px
 import streamlit as st
 
 from core import jobs
-from core.compare import output_error_frame
+from core.compare import distill_frames, output_error_frame
+from core.distill.log import run_logs
 from core.store import Store
 
 store = st.session_state.get("store") or Store()
@@ -48,6 +49,50 @@ def _num(v, fmt):
     return "–" if v is None else format(v, fmt)
 
 
+def distillation(run, m: dict) -> None:
+    """Live training curves (from the log the trainer appends to), compute spent, and the recovered gap."""
+    st.subheader("Distillation")
+    reports = {r.get("step"): r for r in m.get("distill") or []}
+    for index, records in run_logs(store.artifacts / run.id).items():
+        step = run.experiment.steps[index] if index < len(run.experiment.steps) else None
+        label = step.label() if step is not None else f"step {index + 1}"
+        report = reports.get(label) or {}
+        train, evals = distill_frames(records)
+        t = report.get("train") or {}
+        c = st.columns(5)
+        if report:
+            c[0].metric("Perplexity before → after", f"{report['perplexity_before']:.2f} → {report['perplexity_after']:.2f}",
+                        help=f"on the measurement windows; teacher {report['teacher_perplexity']:.2f}")
+            rec = report.get("recovered_fraction")
+            c[1].metric("Gap recovered", "–" if rec is None else f"{rec:.0%}",
+                        help="(before − after) / (before − teacher), perplexity on the measurement windows")
+        c[2].metric("Steps", f"{int(train['step'].max()) if not train.empty else 0}" + (f" / {step.max_steps}" if step is not None else ""))
+        c[3].metric("Tokens", f"{int(train['tokens'].max()):,}" if not train.empty else "0")
+        c[4].metric("Wall time", f"{train['wall_s'].max():.0f} s" if not train.empty else "–",
+                    help=f"device: {t.get('device', '…')} × {t.get('world_size', 1)}; "
+                         f"{t.get('tokens_per_s', 0):,.0f} training tokens/s" if t else "training time so far")
+        if train.empty:
+            st.info("No training step logged yet.")
+            continue
+        left, right = st.columns(2)
+        fig = px.line(train, x="step", y="loss", labels={"loss": "training loss"}, title=label)
+        fig.update_layout(height=320, margin=dict(t=40))
+        left.plotly_chart(fig, key=f"distill_loss_{index}")
+        if not evals.empty:
+            fig = px.line(evals, x="step", y="val_ppl", markers=True, title="Held-out perplexity",
+                          labels={"val_ppl": "perplexity (validation windows)"})
+            fig.update_layout(height=320, margin=dict(t=40))
+            right.plotly_chart(fig, key=f"distill_val_{index}")
+        if t:
+            st.caption(f"Stopped: {t.get('stopped')}. Validation perplexity {t.get('initial_val_ppl', 0):.2f} → best "
+                       f"{t.get('best_val_ppl', 0):.2f}" + (f" (weights of step {t['restored_best_step']} kept)" if t.get("restored_best_step") else "")
+                       + (f"; resumed from step {t['resumed_from_step']}" if t.get("resumed_from_step") else "")
+                       + f". Training data: {report.get('train_windows')} windows × {report.get('train_window_len')} tokens of the calibration split.")
+    if jobs.resumable(run, store):
+        st.button("Resume distillation from its checkpoint", key="detail_resume", on_click=jobs.resume,
+                  args=(run.id, store), icon=":material/play_arrow:")
+
+
 @st.fragment(run_every=2.0 if not by_id[run_id].finished else None)
 def detail(run_id: str):
     run = store.get(run_id)
@@ -66,6 +111,8 @@ def detail(run_id: str):
         st.button("Cancel", key="detail_cancel", on_click=jobs.cancel, args=(run.id, store))
     elif not by_id[run_id].finished:
         st.rerun()  # finished while watching: full rerun shows everything and stops polling
+    if not run.finished and by_id[run_id].finished:
+        st.rerun(scope="app")  # resumed while watching: a full rerun starts polling again
     if run.status == "failed":
         st.error(run.error or "The run failed without an error message.", icon=":material/error:")
     elif run.status == "cancelled":
@@ -88,6 +135,9 @@ def detail(run_id: str):
         st.write(f"Compressed model saved in `{saved['path']}` ({_mib(saved.get('bytes'))} on disk). "
                  "Measure it again, or use it in another run, without recompressing:")
         st.code(f"python -m core run --model {shlex.quote(saved['path'])}", language="bash")
+
+    if any(s.method == "distill" for s in run.experiment.steps):
+        distillation(run, m)
 
     tabs = st.tabs(["Accuracy & memory", "Layers", "Latency", "Samples", "Settings", "Environment"])
     with tabs[0]:

@@ -280,3 +280,73 @@ def test_run_detail_follows_url_and_selection(filled):
     at.query_params["run"] = filled["base"]  # e.g. a link to the same run again
     at.switch_page("pages/run_detail.py").run()
     assert at.title[0].value == "baseline fp32"
+
+
+def test_new_experiment_custom_distillation_chain(store, submitted):
+    at = app_without_presets()
+    at.checkbox(key="ds_on").check().run()
+    at.radio(key="ds_student").set_value("SparseGPT 2:4")
+    at.number_input(key="ds_steps").set_value(40)
+    at.number_input(key="ds_ce").set_value(0.5)
+    at.number_input(key="ds_budget").set_value(0)
+    at.button(key="submit").click().run()
+    assert not at.exception and not at.error
+    (exp,) = submitted
+    assert [s.method for s in exp.steps] == ["sparsegpt", "distill"]
+    d = exp.steps[1]
+    assert (d.max_steps, d.ce, d.kl, d.time_budget_s, d.teacher) == (40, 0.5, 1.0, None, "baseline")
+
+
+def test_new_experiment_distillation_smaller_student_and_bad_losses(store, submitted):
+    at = app_without_presets()
+    at.checkbox(key="ds_on").check().run()
+    at.radio(key="ds_student").set_value("smaller").run()
+    at.number_input(key="ds_layers").set_value(12)
+    at.number_input(key="ds_kl").set_value(0.0)
+    at.button(key="submit").click().run()
+    assert "at least one loss weight" in texts(at, "error") and submitted == []
+    at.number_input(key="ds_js").set_value(1.0)
+    at.button(key="submit").click().run()
+    assert not at.error
+    (exp,) = submitted
+    assert [s.method for s in exp.steps] == ["distill"] and exp.steps[0].student_layers == 12
+
+
+def test_run_detail_distillation_live_curve_and_report(store):
+    import json
+
+    steps = [{"method": "sparsegpt", "pattern": "2:4"}, {"method": "distill", "max_steps": 50}]
+    running = add_run(store, steps, status="running")
+    store.update(running, stage="distill", step=3, total=50)
+    log = store.artifact_dir(running) / "distill-1" / "log.jsonl"
+    log.parent.mkdir(parents=True)
+    records = [{"kind": "eval", "step": 0, "tokens": 0, "wall_s": 0.1, "val_ppl": 130.0, "val_nll": 4.87}]
+    records += [{"kind": "train", "step": s, "tokens": 1024 * s, "wall_s": 0.5 * s, "loss": 2.0 / s, "parts": {"kl": 2.0 / s},
+                 "lr": 1e-4, "grad_norm": 1.0} for s in (1, 2, 3)]
+    log.write_text("\n".join(json.dumps(r) for r in records) + "\n{\"kind\": \"tra")  # last line half-written
+    at = app("pages/run_detail.py", run=running)
+    assert "Distillation" in [h.value for h in at.subheader]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Steps"] == "3 / 50" and metrics["Tokens"] == "3,072"
+    report = {"step": parse_experiment({"steps": steps}).steps[1].label(), "perplexity_before": 130.0,
+              "perplexity_after": 80.0, "teacher_perplexity": 41.9, "recovered_fraction": 50.0 / 88.1,
+              "train": {"steps": 3, "tokens": 3072, "wall_s": 1.5, "device": "cpu", "world_size": 1,
+                        "tokens_per_s": 2048.0, "stopped": "max_steps", "initial_val_ppl": 130.0, "best_val_ppl": 90.0}}
+    store.update(running, status="done", metrics={**make_metrics(80.0, BASE_BYTES, 20.0), "distill": [report]})
+    at = app("pages/run_detail.py", run=running)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Gap recovered"] == "57%" and metrics["Perplexity before → after"] == "130.00 → 80.00"
+    assert not any(b.key == "detail_resume" for b in at.button)
+
+
+def test_run_detail_offers_resume_for_stopped_distillation(store, monkeypatch):
+    run_id = add_run(store, [{"method": "wanda"}, {"method": "distill"}], status="cancelled", error="Cancelled by the user.")
+    ckpt = store.artifact_dir(run_id) / "distill-1" / "checkpoint.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"x")
+    spawned = []
+    monkeypatch.setattr(jobs, "_spawn", lambda rid, st: spawned.append(rid))
+    at = app("pages/run_detail.py", run=run_id)
+    at.button(key="detail_resume").click().run()
+    assert not at.exception
+    assert spawned == [run_id] and store.get(run_id).status == "queued" and store.get(run_id).error is None
