@@ -239,6 +239,35 @@ def _home(layer: nn.Module, default):
     return default if t is None else t.device
 
 
+def _observe(layer: nn.Module, linears: dict, method: Observer, hidden: list, calls: list) -> None:
+    """Run every window through the layer, feeding its linears' inputs to method.observe. The layer's output is
+    not needed here: when the first window showed every linear called exactly once, each later window's
+    forward stops (raises _Stop) right after the last of them has been observed, skipping that linear's matmul
+    and whatever follows it (the MLP's down projection, ~1/4 of a Llama layer's linear flops)."""
+    seen: dict[str, int] = {}
+    stop_early = False
+
+    def hook(mod, inp, n):
+        method.observe(n, mod, inp[0])
+        seen[n] = seen.get(n, 0) + 1
+        if stop_early and len(seen) == len(linears):
+            raise _Stop
+
+    hooks = [m.register_forward_pre_hook(partial(hook, n=n)) for n, m in linears.items()]
+    try:
+        for w, (h, t) in enumerate(zip(hidden, calls)):
+            seen.clear()
+            try:
+                _run(layer, h, t)
+            except _Stop:
+                pass
+            if w == 0:
+                stop_early = len(seen) == len(linears) and all(c == 1 for c in seen.values())
+    finally:
+        for hook_ in hooks:
+            hook_.remove()
+
+
 def run_calibrated(model: nn.Module, windows: torch.Tensor, method: Observer, device="cpu",
                    progress: Callable | None = None) -> tuple[list[dict], dict]:
     """Run the calibration pass for `method` on windows ([n, window_len] token ids).
@@ -276,14 +305,7 @@ def run_calibrated(model: nn.Module, windows: torch.Tensor, method: Observer, de
 
         with torch.no_grad():
             if linears:
-                hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: method.observe(n, mod, inp[0]))
-                         for n, m in linears.items()]
-                try:
-                    for h, t in zip(hidden, calls[i]):
-                        _run(layer, h, t)
-                finally:
-                    for hook in hooks:
-                        hook.remove()
+                _observe(layer, linears, method, hidden, calls[i])
             stats_bytes = method.nbytes()
             layer_bytes = module_bytes(layer)
             if linears:

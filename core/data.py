@@ -17,9 +17,12 @@ Protocol
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import re
+import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -185,10 +188,56 @@ def token_windows(tokenizer, text: str, window_len: int, n_windows: int) -> torc
 
 _IDS_CACHE: OrderedDict = OrderedDict()
 _IDS_CACHE_SIZE = 8
+_DISK_FORMAT = 1  # bump when what is stored changes
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    """What the ids depend on besides the text: the tokenizer's full definition (a fast tokenizer's serialized
+    vocabulary, merges, normalizer and added tokens; else its vocabulary) and the library versions."""
+    import transformers
+
+    h = hashlib.sha256(f"{type(tokenizer).__name__}|{len(tokenizer)}|{transformers.__version__}".encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        import tokenizers
+
+        h.update(f"|{tokenizers.__version__}|".encode())
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    return h.hexdigest()
+
+
+def _disk_ids(tokenizer, text: str) -> torch.Tensor:
+    """_encode(tokenizer, text), cached on disk under cache_dir()/token_ids, keyed by the tokenizer's fingerprint
+    and the text's sha256 (so an edited corpus file or a change to how the Brown text is built is a new key)."""
+    key = hashlib.sha256(f"{_DISK_FORMAT}|{_tokenizer_fingerprint(tokenizer)}|".encode() + text.encode()).hexdigest()
+    folder = paths.cache_dir() / "token_ids"
+    path = folder / f"{key[:32]}.pt"
+    try:
+        stored = torch.load(path, weights_only=True)
+    except Exception:  # noqa: BLE001 (missing, partial or foreign file: tokenize again)
+        stored = None
+    if isinstance(stored, dict) and stored.get("key") == key and isinstance(stored.get("ids"), torch.Tensor):
+        return stored["ids"].long()
+    ids = _encode(tokenizer, text)
+    tmp = None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        small = ids.to(torch.int32) if ids.numel() == 0 or int(ids.max()) < 2**31 else ids
+        with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as f:
+            tmp = f.name
+            torch.save({"key": key, "ids": small}, f)
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
+    except OSError:  # a read-only or full cache only costs the tokenizing time
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+    return ids
 
 
 def _corpus_ids(tokenizer, corpus: str, split: str) -> torch.Tensor:
-    """Token ids of a corpus split, cached per (tokenizer, corpus, split) and the file's mtime."""
+    """Token ids of a corpus split, cached in memory per (tokenizer, corpus, split) and the file's mtime, and on
+    disk (_disk_ids) for tokenizers with a name (a real one; test stand-ins have none)."""
     name = getattr(tokenizer, "name_or_path", None)
     if not name:
         return _encode(tokenizer, load_corpus_text(corpus, split))
@@ -200,7 +249,7 @@ def _corpus_ids(tokenizer, corpus: str, split: str) -> torch.Tensor:
     if key in _IDS_CACHE:
         _IDS_CACHE.move_to_end(key)
         return _IDS_CACHE[key]
-    ids = _encode(tokenizer, load_corpus_text(corpus, split))
+    ids = _disk_ids(tokenizer, load_corpus_text(corpus, split))
     _IDS_CACHE[key] = ids
     if len(_IDS_CACHE) > _IDS_CACHE_SIZE:
         _IDS_CACHE.popitem(last=False)

@@ -194,3 +194,70 @@ def test_brown_windows_with_real_tokenizer():
     assert ev[0].tolist() == tok(text[:4000], add_special_tokens=False)["input_ids"][:256]
     assert tok.decode(ev[0]).startswith(text[:40])
     assert torch.equal(ev, data.eval_windows(tok, "brown", 256, 16))
+
+
+# --- on-disk cache of token ids -----------------------------------------------------------------
+
+class CountingTokenizer:
+    """A named tokenizer stand-in (so ids are cached) that counts how often it tokenizes."""
+
+    name_or_path = "counting"
+
+    def __init__(self, vocab_offset=0):
+        self.calls, self.offset = 0, vocab_offset
+
+    def __len__(self):
+        return 100
+
+    def get_vocab(self):
+        return {f"w{i}": i + self.offset for i in range(100)}
+
+    def __call__(self, text, add_special_tokens=True):
+        assert add_special_tokens is False
+        self.calls += 1
+        return {"input_ids": [len(w) + self.offset for w in text.split()]}
+
+
+@pytest.fixture
+def disk_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "_IDS_CACHE", type(data._IDS_CACHE)())  # no in-memory hits
+    return tmp_path / "cache" / "token_ids"
+
+
+def test_token_ids_cached_on_disk(tmp_path, disk_cache):
+    p = tmp_path / "c.txt"
+    p.write_text("a bb ccc dddd " * 50)
+    tok = CountingTokenizer()
+    first = data._corpus_ids(tok, str(p), "calibration")
+    assert tok.calls == 1 and len(list(disk_cache.glob("*.pt"))) == 1
+    data._IDS_CACHE.clear()  # a new process: only the disk cache is left
+    again = data._corpus_ids(tok, str(p), "calibration")
+    assert tok.calls == 1 and again.dtype == torch.long and torch.equal(first, again)
+    assert torch.equal(first, data._encode(tok, p.read_text()))
+
+
+def test_token_ids_cache_key_follows_text_and_tokenizer(tmp_path, disk_cache):
+    p = tmp_path / "c.txt"
+    p.write_text("a bb ccc " * 50)
+    tok = CountingTokenizer()
+    data._corpus_ids(tok, str(p), "eval")
+    p.write_text("a bb ccc eeeee " * 50)  # the file changed: a new key, tokenized again
+    data._IDS_CACHE.clear()
+    ids = data._corpus_ids(tok, str(p), "eval")
+    assert tok.calls == 2 and ids[3].item() == 5
+    other = CountingTokenizer(vocab_offset=1)  # same name, different vocabulary: a new key
+    data._IDS_CACHE.clear()
+    assert data._corpus_ids(other, str(p), "eval")[0].item() == 2 and other.calls == 1
+    assert len(list(disk_cache.glob("*.pt"))) == 3
+
+
+def test_token_ids_cache_survives_a_broken_file(tmp_path, disk_cache):
+    p = tmp_path / "c.txt"
+    p.write_text("a bb ccc " * 50)
+    tok = CountingTokenizer()
+    first = data._corpus_ids(tok, str(p), "eval")
+    for f in disk_cache.glob("*.pt"):
+        f.write_bytes(b"not a tensor")
+    data._IDS_CACHE.clear()
+    assert torch.equal(first, data._corpus_ids(tok, str(p), "eval")) and tok.calls == 2

@@ -247,3 +247,74 @@ def test_keep_zeros_keeps_a_pruned_layer_pruned(sym):
     assert info["out_rel_error"] < info["rtn_out_rel_error"]
     free, _ = gptq_quantize(W, H, 4, 32, sym, act_order=True)
     assert (free.dequantize()[W == 0] != 0).any()  # without it, error feedback fills the pruned weights in
+
+
+# ---- speed-ups that must not change the result ---------------------------------------------------------------
+
+@pytest.mark.parametrize("d", [40, 300, 1100])
+def test_gram_upper_blocks_mirrored_equal_full_product(d):
+    from core.quant.gptq import _add_gram_upper, _mirror_upper
+
+    g = torch.Generator().manual_seed(d)
+    acc = torch.zeros(d, d)
+    full = torch.zeros(d, d)
+    for _ in range(3):
+        f = torch.randn(64, d, generator=g)
+        _add_gram_upper(acc, f)
+        full += f.t() @ f
+    _mirror_upper(acc)
+    assert torch.equal(acc, acc.t())
+    torch.testing.assert_close(acc, full, rtol=1e-5, atol=1e-4)
+
+
+def test_observer_hessian_is_2_over_n_xtx_and_shared():
+    from core.quant.gptq import GPTQObserver
+
+    obs = GPTQObserver(SimpleNamespace(skip=[]))
+    xs = [torch.randn(1, 16, 300) for _ in range(2)]
+    for x in xs:
+        obs.observe("q", None, x)
+        obs.observe("k", None, x)
+    X = torch.cat(xs).reshape(-1, 300)
+    H = obs.H
+    assert H["q"] is H["k"]
+    torch.testing.assert_close(H["q"], 2 / 32 * X.t() @ X, rtol=1e-5, atol=1e-4)
+
+
+def test_shared_hessian_factored_once_same_result():
+    from core.quant import gptq
+
+    W, _, H = _layer(out=48, inp=96)
+    calls = []
+    real = gptq._factor
+    gptq._factor = lambda *a: calls.append(1) or real(*a)
+    try:
+        factors = {}
+        shared = [gptq_quantize(W[i::2], H, 4, 32, factors=factors)[0] for i in range(2)]
+        alone = [gptq_quantize(W[i::2], H, 4, 32)[0] for i in range(2)]
+    finally:
+        gptq._factor = real
+    assert len(calls) == 3  # once for both shared calls, once each without the cache
+    for a, b in zip(shared, alone):
+        assert torch.equal(a.packed, b.packed) and torch.equal(a.scales, b.scales)
+
+
+def test_observe_pass_stops_after_the_last_linear():
+    """Windows after the first stop the layer's forward once every linear has been observed: the last linear
+    (down_proj) computes only for window 0 in the observing forward, yet it is observed for every window."""
+    model = _tiny("llama")
+    last = model.model.layers[1].mlp.down_proj  # the last layer: no propagation forward after its pass
+    ran = []
+    hook = last.register_forward_hook(lambda *a: ran.append(1))
+    rec = _Recorder()
+    run_calibrated(model, torch.randint(0, 128, (3, 16)), rec, "cpu")
+    hook.remove()
+    assert len(ran) == 1 and len(rec.seen["model.layers.1.mlp.down_proj"]) == 3
+
+
+def test_all_finite_matches_isfinite_all():
+    from core.quant.gptq import _all_finite
+
+    for t in ([1.0, 2.0], [3e38, 3e38], [1.0, float("nan")], [1.0, float("inf")], [float("inf"), -float("inf")], []):
+        x = torch.tensor(t)
+        assert _all_finite(x) == bool(torch.isfinite(x).all())
