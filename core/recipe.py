@@ -93,6 +93,9 @@ class AWQStep(_WeightQuantStep):
         return f"AWQ {self._format()}{'' if self.clip else ' no-clip'}"
 
 
+AUTO_SMOOTHING = ("int8",)  # schemes that smoothquant_alpha="auto" smooths
+
+
 class W8A8Step(_Strict):
     """8-bit weights AND activations (dynamic per-token scales), int8 or FP8 E4M3, per-output-channel weight
     scales; optional SmoothQuant smoothing (alpha in [0, 1], "auto" = searched per group of linears on the
@@ -109,10 +112,17 @@ class W8A8Step(_Strict):
     def needs_calibration(self) -> bool:
         return self.weight_rounding == "gptq" or self.smoothquant_alpha is not None
 
+    def smooths(self) -> bool:
+        """A fixed alpha always smooths; "auto" only for the schemes in AUTO_SMOOTHING (see core/quant/smoothquant.py
+        for why FP8 gains nothing from it). FP8 instead searches its per-channel weight scales on calibration data."""
+        a = self.smoothquant_alpha
+        return a is not None and (a != "auto" or self.scheme in AUTO_SMOOTHING)
+
     def label(self) -> str:
         a = self.smoothquant_alpha
-        smooth = "" if a is None else f" SmoothQuant a={a if a == 'auto' else format(a, 'g')}"
-        return f"W8A8 {self.scheme.upper() if self.scheme == 'fp8' else self.scheme}{smooth}" + \
+        smooth = f" SmoothQuant a={a if a == 'auto' else format(a, 'g')}" if self.smooths() else ""
+        scales = " searched scales" if self.scheme == "fp8" and self.needs_calibration() else ""
+        return f"W8A8 {self.scheme.upper() if self.scheme == 'fp8' else self.scheme}{smooth}{scales}" + \
             (" GPTQ" if self.weight_rounding == "gptq" else "")
 
 

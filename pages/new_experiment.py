@@ -34,7 +34,8 @@ PRESETS = [
      "int8 weights (per channel, GPTQ-rounded) and per-token int8 activations; activation outliers moved into "
      "the weights with a smoothing strength searched per group of layers on 32 calibration windows."),
     ("fp8_w8a8", "FP8 W8A8 (E4M3)", [{"method": "w8a8", "scheme": "fp8"}], None,
-     "FP8 weights (per channel, GPTQ-rounded) and per-token FP8 activations, smoothing searched like SmoothQuant's. "
+     "FP8 weights (per channel, scales searched on calibration data, GPTQ-rounded) and per-token FP8 activations; "
+     "no smoothing by default (FP8's relative rounding gains nothing from it; a fixed alpha in the custom form still smooths). "
      "Real FP8 matmuls need a recent GPU; elsewhere a reference path."),
     ("mag50", "Magnitude pruning 50%", [{"method": "magnitude", "sparsity": 0.5}], None,
      "Zero the half of each layer's weights with the smallest magnitude; no calibration data."),

@@ -172,7 +172,7 @@ def test_new_experiment_custom_w8a8(store, submitted):
     (exp,) = submitted
     step = exp.steps[0]
     assert (step.scheme, step.smoothquant_alpha, step.weight_rounding, step.calibration.windows) == ("fp8", 0.65, "rtn", 8)
-    assert exp.label() == "W8A8 FP8 SmoothQuant a=0.65"
+    assert exp.label() == "W8A8 FP8 SmoothQuant a=0.65 searched scales"
 
 
 def test_new_experiment_custom_pruning_chain(store, submitted):

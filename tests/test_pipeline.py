@@ -158,7 +158,7 @@ def test_gptq_step_through_the_pipeline_and_cli(tiny_model_dir, corpus_file, tmp
     ({"method": "w8a8", "scheme": "int8", "smoothquant_alpha": 0.5, "weight_rounding": "rtn"},
      "W8A8 int8 SmoothQuant a=0.5", True),
     ({"method": "w8a8", "scheme": "int8", "smoothquant_alpha": None, "weight_rounding": "rtn"}, "W8A8 int8", False),
-    ({"method": "w8a8", "scheme": "fp8", "smoothquant_alpha": None}, "W8A8 FP8 GPTQ", True),
+    ({"method": "w8a8", "scheme": "fp8", "smoothquant_alpha": None}, "W8A8 FP8 searched scales GPTQ", True),
 ])
 def test_w8a8_steps_through_the_pipeline(tiny_model_dir, corpus_file, step, label, calibrated):
     step = dict(step, calibration={"corpus": str(corpus_file), "windows": 4, "window_len": 32})

@@ -314,29 +314,109 @@ def test_search_alpha_never_worse_than_fixed_or_none(scheme):
         assert alpha is not None and errors[alpha] < 0.5 * errors[None]  # outliers: smoothing must help
 
 
-@pytest.mark.parametrize("scheme", ["int8", "fp8"])
-def test_calibrated_w8a8_step_beats_plain(scheme):
-    from types import SimpleNamespace
-
-    from core.quant.smoothquant import quantize_model_w8a8_step
-
+def _outlier_llama():
+    """A tiny Llama with activation outlier channels, as real LLMs have."""
     model = _tiny_llama(kv_heads=4)
-    with torch.no_grad():  # activation outlier channels, as real LLMs have
+    with torch.no_grad():
         for layer in model.model.layers:
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 norm.weight[[3, 17, 40]] *= 50
+    return model
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_calibrated_w8a8_step_beats_plain(scheme):
+    from core.quant.smoothquant import quantize_model_w8a8_step
+    from core.recipe import W8A8Step
+
+    model = _outlier_llama()
     ids, calib = _ids(), _ids(n=8, seed=2)
     ref = _logits(model, ids)
     plain = copy.deepcopy(model)
     quantize_model_w8a8(plain, scheme)
-    calib_cfg = SimpleNamespace(windows=8)
-    step = SimpleNamespace(scheme=scheme, smoothquant_alpha="auto", weight_rounding="gptq", damp=0.01,
-                           skip=["lm_head"], calibration=calib_cfg)
+    step = W8A8Step(scheme=scheme, smoothquant_alpha="auto", weight_rounding="gptq", calibration={"windows": 8})
     records = quantize_model_w8a8_step(model, step, calib, "cpu")
     assert len(records) == 2 * 7 and records.stats["tokens"] == 8 * 24
     assert all(isinstance(model.get_submodule(r["name"]), FP8Linear if scheme == "fp8" else W8A8Linear) for r in records)
     assert all(r["out_rel_error"] <= r["rtn_out_rel_error"] * 1.05 for r in records)
     err, err_plain = _rel(_logits(model, ids), ref), _rel(_logits(plain, ids), ref)
     assert err < 0.7 * err_plain, (err, err_plain)
-    if scheme == "int8":
-        assert records.stats["smoothed_linears"] > 0
+    # "auto" smooths int8 only (core.recipe.AUTO_SMOOTHING): FP8's error is relative
+    assert (records.stats["smoothed_linears"] > 0) == (scheme == "int8")
+
+
+@pytest.mark.parametrize("rounding", ["gptq", "rtn"])
+def test_calibrated_fp8_uses_searched_scales_and_fixed_alpha_smooths(rounding):
+    from core.quant.smoothquant import quantize_model_w8a8_step
+    from core.recipe import W8A8Step
+
+    model, calib, ids = _outlier_llama(), _ids(n=8, seed=2), _ids()
+    ref = _logits(model, ids)
+    plain = copy.deepcopy(model)
+    quantize_model_w8a8(plain, "fp8")
+    step = W8A8Step(scheme="fp8", smoothquant_alpha=0.5, weight_rounding=rounding, calibration={"windows": 8})
+    records = quantize_model_w8a8_step(model, step, calib, "cpu")
+    assert records.stats["smoothed_linears"] > 0  # a fixed alpha smooths FP8 too
+    top = []
+    for r in records:
+        q = model.get_submodule(r["name"])
+        # scale = absmax / 448 * f, f in [1, 2): each row's largest code lies in [224, 448], none clipped
+        top.append(q.qweight.float().abs().amax(1))
+        assert r["out_rel_error"] is not None and r["out_rel_error"] < 0.1
+    top = torch.cat(top)
+    assert float(top.min()) >= 224 and float(top.max()) <= 448
+    assert float((top < 448).float().mean()) > 0.3  # most channels moved off absmax / 448
+    assert _rel(_logits(model, ids), ref) < 0.6 * _rel(_logits(plain, ids), ref)  # vs plain round-to-nearest FP8
+
+
+# --- FP8 per-channel scale search ---------------------------------------------------------------------
+
+def _fp8_row_losses(w: torch.Tensor, imp: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float64 reference: sum_j imp_j (w_ij - FP8(w_ij / scale_i) * scale_i)^2 per row."""
+    w64, s64 = w.double(), scale.double()
+    q = (w.float() / scale.float()[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn).double() * s64[:, None]
+    return ((w64 - q) ** 2 * imp.double()).sum(1)
+
+
+def test_search_channel_scale_is_the_per_row_argmin_and_never_worse():
+    from core.quant.w8a8 import channel_scale, search_channel_scale
+
+    g = _gen(11)
+    w = torch.randn(40, 96, generator=g) * torch.logspace(-2, 1, 40)[:, None]  # rows of very different sizes
+    w[5, 7] = 30.0  # a row with a large outlier weight
+    imp = torch.rand(96, generator=g, dtype=torch.float64) ** 2 * 10 + 1e-3
+    steps = 16
+    scale = search_channel_scale(w, imp, "fp8", steps=steps)
+    base = channel_scale(w, "fp8")
+    cands = torch.stack([base * (1 + k / steps) for k in range(steps)])  # [steps, out]
+    ref = torch.stack([_fp8_row_losses(w, imp, c) for c in cands])  # float64 [steps, out]
+    best = ref.argmin(0)  # first minimum: the smallest factor on ties
+    assert torch.equal(scale, cands[best, torch.arange(w.shape[0])])
+    got = _fp8_row_losses(w, imp, scale)
+    assert torch.all(got <= ref[0]) and float(got.sum()) < 0.9 * float(ref[0].sum())
+    assert float((w / scale[:, None]).abs().max()) <= 448  # no clipping: absmax maps into (224, 448]
+    assert float((w.abs().amax(1) / scale).min()) > 224
+
+
+def test_search_channel_scale_int8_and_one_step_keep_absmax():
+    from core.quant.w8a8 import channel_scale, search_channel_scale
+
+    g = _gen(12)
+    w, imp = torch.randn(24, 64, generator=g), torch.rand(64, generator=g) + 0.1
+    assert torch.equal(search_channel_scale(w, imp, "int8"), channel_scale(w, "int8"))
+    assert torch.equal(search_channel_scale(w, imp, "fp8", steps=1), channel_scale(w, "fp8"))
+
+
+def test_fp8_scale_search_lowers_output_error_with_gptq():
+    from core.quant.gptq import gptq_round
+    from core.quant.w8a8 import channel_scale, quantize_with_scale, search_channel_scale
+
+    W, X = _correlated_layer(out=96, inp=80, tokens=600, seed=13)
+    H = 2 / X.shape[0] * X.T @ X
+
+    def out_err(scale):
+        q, _ = gptq_round(W, H, lambda w: quantize_with_scale(w, scale, "fp8").float() * scale[:, None])
+        return float(torch.linalg.norm(X @ W.T - X @ q.double().T))
+
+    searched = search_channel_scale(W, H.diagonal(), "fp8")
+    assert out_err(searched) < 0.97 * out_err(channel_scale(W, "fp8"))

@@ -2,7 +2,8 @@
 
 Weights: symmetric, one float32 scale per output channel. Activations: symmetric, one scale per token,
 computed on every forward (dynamic). int8: codes in [-127, 127], scale = absmax / 127, and
-y = (x_q @ w_q^T)[int32] * x_scale * w_scale. FP8 (float8_e4m3fn): scale = absmax / 448, same layout.
+y = (x_q @ w_q^T)[int32] * x_scale * w_scale. FP8 (float8_e4m3fn): scale = absmax / 448, same layout (the
+calibrated path searches each weight channel's FP8 scale instead: search_channel_scale).
 
 Fast paths: torch._int_mm (CPU through oneDNN; CUDA through cuBLAS, which needs M > 16 and K, N multiples
 of 8) and torch._scaled_mm (CUDA, compute capability >= 8.9, K and N multiples of 16). Each is probed
@@ -74,6 +75,38 @@ def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 def channel_scale(w: torch.Tensor, scheme: str) -> torch.Tensor:
     """float32 scale per output channel of w [out, in]: absmax / 127 (int8) or / 448 (fp8)."""
     return _absmax_scale(w.detach().float(), INT8_MAX if scheme == "int8" else FP8_MAX).squeeze(1)
+
+
+FP8_SCALE_STEPS = 32  # candidate scales per output channel for search_channel_scale (1: the absmax scale only)
+
+
+def search_channel_scale(w: torch.Tensor, importance: torch.Tensor, scheme: str = "fp8",
+                         steps: int | None = None) -> torch.Tensor:
+    """float32 scale per output channel of w [out, in] for the FP8 grid, chosen per channel among
+    absmax / 448 * f, f in {1, 1 + 1/steps, ..., 2 - 1/steps}, as the one whose round-to-nearest error
+    sum_j importance_j * (w_ij - Q(w)_ij)^2 is smallest (importance [in] >= 0: e.g. the diagonal of
+    H = 2/n X^T X, each input channel's mean square up to a factor). FP8's grid is non-uniform and, but for subnormals, the same
+    up to powers of two, so f in [1, 2) spans every alignment of the grid with the row; none clips (absmax
+    maps to 448 / f > 224) and f = 1 (absmax) is a candidate, kept on ties: never worse on this loss.
+    steps: default FP8_SCALE_STEPS. int8's grid is uniform (f > 1 would only drop levels): its absmax scale
+    is returned unchanged."""
+    steps = FP8_SCALE_STEPS if steps is None else steps
+    if scheme != "fp8" or steps <= 1:
+        return channel_scale(w, scheme)
+    w = w.detach().float()
+    imp = importance.detach().float().clamp(min=0).to(w.device)
+    base = channel_scale(w, "fp8")
+    best_scale, best_err = base, None
+    for k in range(steps):
+        s = base * (1 + k / steps)
+        e = w - quantize_with_scale(w, s, "fp8").float() * s[:, None]
+        err = (e * e) @ imp
+        if best_err is None:
+            best_err = err
+        else:
+            better = err < best_err
+            best_err, best_scale = torch.where(better, err, best_err), torch.where(better, s, best_scale)
+    return best_scale
 
 
 def quantize_with_scale(w: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
