@@ -140,3 +140,14 @@ def test_interrupt_then_resume_continues_from_the_checkpoint(tiny_model_dir, cor
     again = _cli("resume", run_id, data_dir=str(tmp_path))
     _, err = again.communicate(timeout=60)
     assert again.returncode == 2 and "cannot be resumed" in err  # a finished run is not resumable
+
+
+@pytest.mark.parametrize("first", [[{"method": "magnitude"}], [{"method": "rtn", "bits": 4, "group_size": 32}], []])
+def test_distilled_student_saves_and_reloads(tiny_model_dir, corpus_file, tmp_path, first):
+    distill = dict(DISTILL, max_steps=3, student_layers=None if first else 1)
+    exp = parse_experiment({"model": str(tiny_model_dir), "steps": [*first, distill], "save_model": True,
+                            "measure": {**QUICK, "corpus": str(corpus_file)}})
+    m = run_experiment(exp, artifact_dir=tmp_path)
+    again = run_experiment(_exp(m["saved_model"]["path"], corpus_file, []))
+    assert again["accuracy"]["perplexity"] == pytest.approx(m["accuracy"]["perplexity"], rel=1e-6)
+    assert again["memory"]["weight_bytes"] == m["memory"]["weight_bytes"]
