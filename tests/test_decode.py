@@ -139,3 +139,15 @@ def test_grouped_decode_attention_equals_repeated_kv():
     torch.testing.assert_close(got, ref)
     grouped_decode_sdpa(orig, module, torch.randn(b, kvh * rep, 4, d), k, v, None)  # a prefill: not ours
     assert called
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_decode_equals_generate_with_w8a8_layers(scheme):
+    """Per-token activation quantization sees the same tokens in the static loop as in generate (reference path)."""
+    from core.quant.w8a8 import quantize_model_w8a8
+
+    model = _varied_llama()
+    quantize_model_w8a8(model, scheme)
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    toks, _ = decode(model, ids, 16)
+    assert torch.equal(toks, _generate(model, ids, 16))
