@@ -170,9 +170,7 @@ def execute(run_id: str, store: Store, echo=None) -> dict:
 
 
 def _execute(run, store: Store, echo) -> dict:
-    from .pipeline import (
-        run_experiment,  # heavy imports (torch) only where work happens
-    )
+    from .pipeline import run_experiment  # heavy imports (torch) only where work happens
 
     run_id = run.id
     store.update(run_id, status="running")

@@ -24,7 +24,7 @@ from .measure.latency import measure_latency
 from .paths import ASSETS_DIR
 from .recipe import Experiment
 
-NOOP = lambda stage, step=0, total=0: None
+NOOP = lambda stage, step=0, total=0: None  # noqa: E731
 
 
 @dataclass
