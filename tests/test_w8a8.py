@@ -420,3 +420,18 @@ def test_fp8_scale_search_lowers_output_error_with_gptq():
 
     searched = search_channel_scale(W, H.diagonal(), "fp8")
     assert out_err(searched) < 0.97 * out_err(channel_scale(W, "fp8"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_per_token_fp8_quantization_equals_the_float32_first_reference(dtype):
+    """The fewer-pass per-token FP8 quantization gives exactly the codes and scales of converting to float32 first."""
+    from core.quant.w8a8 import FP8, FP8_MAX, _absmax_scale, quantize_per_token_fp8
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(37, 300, generator=g) * torch.logspace(-3, 3, 300)).to(dtype)
+    x[5] = 0  # an all-zero row gets scale 1
+    xf = x.float()
+    s_ref = _absmax_scale(xf, FP8_MAX)
+    q_ref = (xf / s_ref).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    q, s = quantize_per_token_fp8(x)
+    assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))

@@ -66,9 +66,11 @@ def quantize_per_channel_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [tokens, in] -> (float8_e4m3fn codes, float32 scale [tokens, 1])."""
-    x = x.float()
-    s = _absmax_scale(x, FP8_MAX)
+    """x [tokens, in] -> (float8_e4m3fn codes, float32 scale [tokens, 1]). The same numbers as converting x to
+    float32 first (max |x| is exact in any float dtype; x / s promotes to float32), in fewer passes over x:
+    it is on the prefill path of every FP8 layer."""
+    amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=-1, keepdim=True).float()
+    s = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     return (x / s).clamp_(-FP8_MAX, FP8_MAX).to(FP8), s
 
 
@@ -144,7 +146,7 @@ def _int_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _scaled_mm(a, a_scale, w, w_scale, out_dtype) -> torch.Tensor:
-    return torch._scaled_mm(a, w.t(), scale_a=a_scale, scale_b=w_scale[None, :], out_dtype=out_dtype).float()
+    return torch._scaled_mm(a, w.t(), scale_a=a_scale, scale_b=w_scale[None, :], out_dtype=out_dtype)
 
 
 def _probe_operands(device, kind: str):
@@ -167,21 +169,27 @@ def int_mm_ok(device: str) -> bool:
 
 
 @functools.cache
-def scaled_mm_dtype(device: str) -> torch.dtype | None:
-    """The output dtype with which torch._scaled_mm (row-wise scales) runs right on this device, or None."""
+def scaled_mm_dtypes(device: str) -> tuple[torch.dtype, ...]:
+    """The output dtypes with which torch._scaled_mm (row-wise scales) runs right on this device (may be none)."""
     dev = torch.device(device)
     if dev.type != "cuda" or torch.cuda.get_device_capability(dev) < (8, 9):
-        return None
+        return ()
     aq, a_s, wq, w_s = _probe_operands(dev, "fp8")
     ref = fp8_matmul_reference(aq, a_s, wq, w_s)
-    for dtype in (torch.float32, torch.bfloat16):  # some builds allow only bf16 out with row-wise scales
+    ok = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # some builds allow only bf16 out with row-wise scales
         try:
-            y = _scaled_mm(aq, a_s, wq, w_s, dtype)
+            y = _scaled_mm(aq, a_s, wq, w_s, dtype).float()
         except (RuntimeError, NotImplementedError):
             continue
         if float((y - ref).norm() / ref.norm()) < 1e-2:
-            return dtype
-    return None
+            ok.append(dtype)
+    return tuple(ok)
+
+
+def scaled_mm_dtype(device: str) -> torch.dtype | None:
+    """The preferred (most precise) output dtype of torch._scaled_mm on this device, or None."""
+    return next(iter(scaled_mm_dtypes(device)), None)
 
 
 def int8_matmul(a: torch.Tensor, w: torch.Tensor, fast: bool = True) -> torch.Tensor:
@@ -192,11 +200,13 @@ def int8_matmul(a: torch.Tensor, w: torch.Tensor, fast: bool = True) -> torch.Te
     return int8_matmul_reference(a, w)
 
 
-def fp8_matmul(a, a_scale, w, w_scale, fast: bool = True) -> torch.Tensor:
-    """Scaled fp8 a [M, K] @ fp8 w [N, K]^T -> float32 [M, N], with torch._scaled_mm where it works."""
-    dtype = scaled_mm_dtype(str(a.device)) if fast and a.device.type == "cuda" else None
-    if dtype is not None and a.shape[1] % 16 == 0 and w.shape[0] % 16 == 0:
-        return _scaled_mm(a, a_scale, w, w_scale, dtype)
+def fp8_matmul(a, a_scale, w, w_scale, fast: bool = True, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Scaled fp8 a [M, K] @ fp8 w [N, K]^T -> [M, N], with torch._scaled_mm where it works. The result is float32,
+    or `out_dtype` directly when the fast path can write it (a bf16 model's prefill then neither writes nor reads
+    a float32 copy of every output)."""
+    dtypes = scaled_mm_dtypes(str(a.device)) if fast and a.device.type == "cuda" else ()
+    if dtypes and a.shape[1] % 16 == 0 and w.shape[0] % 16 == 0:
+        return _scaled_mm(a, a_scale, w, w_scale, out_dtype if out_dtype in dtypes else dtypes[0])
     return fp8_matmul_reference(a, a_scale, w, w_scale)
 
 
@@ -241,13 +251,14 @@ class W8A8Linear(nn.Module):
         return self.qweight.numel() * self.qweight.element_size() + self.weight_scale.numel() * 4
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """-> float32 [M, out], or x's dtype where the fast path writes that directly."""
         xq, xs = quantize_per_token_int8(x)
         return int8_matmul(xq, self.qweight, self.fast).float() * xs * self.weight_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._matmul(x.reshape(-1, self.in_features))
         if self.bias is not None:
-            y = y + self.bias.float()
+            y = y + self.bias.to(y.dtype)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse=True):
@@ -273,7 +284,7 @@ class FP8Linear(W8A8Linear):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         xq, xs = quantize_per_token_fp8(x)
-        return fp8_matmul(xq, xs, self.qweight, self.weight_scale, self.fast)
+        return fp8_matmul(xq, xs, self.qweight, self.weight_scale, self.fast, out_dtype=x.dtype)
 
 
 def replace_with_w8a8(model: nn.Module, name: str, linear: nn.Linear, scheme: str,
