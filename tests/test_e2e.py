@@ -158,3 +158,54 @@ def test_submit_wait_compare_share(server):
             assert set(re.search(r"runs=([^&]+)", fresh.url).group(1).replace("%2C", ",").split(",")) == ids
         finally:
             browser.close()
+
+
+def test_distillation_in_the_browser(server):
+    """New experiment with a distillation step (RTN int4 student of the default model, a few steps) -> Run detail
+    shows the live training curve while it runs, then the recovered gap."""
+    from playwright.sync_api import expect, sync_playwright
+
+    url, data = server
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 2200})
+            page.set_default_timeout(90_000)
+            expect.set_options(timeout=90_000)
+            page.goto(url)
+            expect(page.get_by_role("button", name="Run 3 experiments")).to_be_visible()
+            for name in ("Baseline (no compression)", "RTN int8 per-channel", "RTN int4 g64"):
+                page.get_by_role("checkbox", name=name, exact=True).uncheck(force=True)
+            page.get_by_role("checkbox", name="Knowledge distillation (train the compressed model to match the original)").check(force=True)
+            student = page.get_by_role("radio", name="RTN int4 g64", exact=True)
+            expect(student).to_be_enabled()  # after the rerun that the checkbox started
+            student.check(force=True)
+            for label, value in [("Steps", 4), ("Windows per step", 1), ("Evaluate every (steps)", 2),
+                                 ("Training windows", 8), ("Time budget (s, 0 = none)", 0),
+                                 ("Evaluation windows", 2), ("Window length (tokens)", 64),
+                                 ("Prompt length (tokens)", 8), ("Decode steps", 2), ("Warm-up repeats", 0),
+                                 ("Timed repeats", 1), ("Tokens per sample", 4)]:
+                _set_number(page, label, value)
+            page.get_by_role("button", name="Run 1 experiment").click()
+            expect(page.get_by_text("Submitted 1 experiment")).to_be_visible()
+            (run,) = Store(data / "slimlm.sqlite").list()
+            assert [s.method for s in run.experiment.steps] == ["rtn", "distill"]
+            assert run.experiment.steps[1].max_steps == 4 and run.experiment.steps[1].micro_batch == 1
+
+            page.get_by_role("link", name=re.compile(r"Distil .*\(run ")).click()
+            expect(page.get_by_role("heading", name="Distillation")).to_be_visible()
+            deadline = time.time() + RUN_TIMEOUT_S
+            while not page.get_by_text("Gap recovered").is_visible():
+                current = Store(data / "slimlm.sqlite").get(run.id)
+                if current.status == "failed":
+                    pytest.fail(f"the run failed: {current.error}")
+                assert time.time() < deadline, "the distillation run did not finish in time"
+                page.wait_for_timeout(1000)
+            expect(page.get_by_text("Held-out perplexity").first).to_be_attached()
+            assert page.locator('[data-testid="stPlotlyChart"]').count() >= 2  # loss and held-out curves
+            done = Store(data / "slimlm.sqlite").get(run.id)
+            assert done.status == "done" and done.metrics["distill"][0]["train"]["steps"] == 4
+        finally:
+            browser.close()
