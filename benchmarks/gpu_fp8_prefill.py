@@ -63,6 +63,7 @@ def main() -> int:
     torch.manual_seed(0)
     out = {"date": time.strftime("%Y-%m-%d"), "card": torch.cuda.get_device_name(dev), "torch": torch.__version__,
            "command": " ".join(sys.argv), "scaled_mm_out_dtypes": [str(d) for d in w8a8.scaled_mm_dtypes(str(dev))],
+           "fp8_quant_kernel_ok": w8a8.fp8_kernel_ok(str(dev)),
            "rows": []}
     for name, (n, k) in SHAPES.items():
         lin = torch.nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
@@ -75,15 +76,24 @@ def main() -> int:
                 ref = layer(xs[0])
                 layer.fast = True
                 err = float((fast.float() - ref.float()).norm() / ref.float().norm())
+                kq, ks = w8a8.quantize_activations_fp8(xs[0])
+                codes_exact = bool(torch.equal(kq.view(torch.uint8), (xs[0].float() / ks).clamp(
+                    -w8a8.FP8_MAX, w8a8.FP8_MAX).to(w8a8.FP8).view(torch.uint8)))
                 xq, s = w8a8.quantize_per_token_fp8(xs[0])
                 dt = fast.dtype
                 us = {"bf16": timed(lambda x: F.linear(x, lin.weight), xs, args.repeats),
                       "fp8 layer": timed(layer, xs, args.repeats),
+                      "fp8 layer, PyTorch quantization": timed(
+                          lambda x: w8a8.fp8_matmul(*w8a8.quantize_per_token_fp8(x), layer.qweight, layer.weight_scale,
+                                                    True, x.dtype), xs, args.repeats),
+                      "activation quantization (kernel)": timed(w8a8.quantize_activations_fp8, xs, args.repeats),
+                      "activation quantization (PyTorch)": timed(w8a8.quantize_per_token_fp8, xs, args.repeats),
                       "fp8 layer before": timed(old_fp8_layer(layer), xs, args.repeats),
                       "scaled_mm only": timed(lambda x: w8a8._scaled_mm(xq, s, layer.qweight, layer.weight_scale, dt),
                                               [xq], args.repeats)}
             flops = 2 * m * n * k
             row = {"shape": name, "M": m, "N": n, "K": k, "us": us, "out_dtype": str(dt), "rel_error_vs_reference": err,
+                   "kernel_codes_exact_given_scale": codes_exact,
                    "speedup_fp8_layer_vs_bf16": us["bf16"] / us["fp8 layer"],
                    "speedup_before_vs_bf16": us["bf16"] / us["fp8 layer before"],
                    "bf16_tflops": flops / us["bf16"] / 1e6, "fp8_layer_tflops": flops / us["fp8 layer"] / 1e6}
@@ -91,7 +101,8 @@ def main() -> int:
             print(f"{name:20s} M={m:5d}  bf16 {us['bf16']:8.1f} us  fp8 layer {us['fp8 layer']:8.1f} "
                   f"(before {us['fp8 layer before']:8.1f})  scaled_mm {us['scaled_mm only']:8.1f}  "
                   f"speedup {row['speedup_fp8_layer_vs_bf16']:.2f}x (before {row['speedup_before_vs_bf16']:.2f}x)  "
-                  f"err {err:.1e}", flush=True)
+                  f"err {err:.1e}  quant kernel {us['activation quantization (kernel)']:.1f} vs "
+                  f"{us['activation quantization (PyTorch)']:.1f} us, codes exact {codes_exact}", flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(out, indent=1))
 

@@ -200,6 +200,45 @@ def int8_matmul(a: torch.Tensor, w: torch.Tensor, fast: bool = True) -> torch.Te
     return int8_matmul_reference(a, w)
 
 
+def _fp8_reference_given_scale(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+@functools.cache
+def fp8_kernel_ok(device: str) -> bool:
+    """Whether the Triton per-token FP8 quantization (core.kernels.fp8_quant) runs on this device and gives the
+    reference's numbers: scales equal to max|x| / 448 and, given them, identical codes."""
+    from ..kernels import triton_available
+
+    dev = torch.device(device)
+    if dev.type != "cuda" or not triton_available() or torch.cuda.get_device_capability(dev) < (8, 9):
+        return False
+    try:
+        from ..kernels.fp8_quant import per_token_fp8
+
+        g = torch.Generator().manual_seed(0)
+        x = (torch.randn(37, 1000, generator=g) * torch.logspace(-3, 3, 1000)).to(dev, torch.bfloat16)
+        x[5] = 0
+        q, s = per_token_fp8(x)
+        amax = x.float().abs().amax(-1, keepdim=True)
+        s_ref = torch.where(amax > 0, amax / torch.full_like(amax, FP8_MAX), torch.ones_like(amax))
+        return bool(torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8),
+                                                          _fp8_reference_given_scale(x, s).view(torch.uint8)))
+    except Exception:  # noqa: BLE001 (compile or launch failure: the PyTorch path)
+        return False
+
+
+def quantize_activations_fp8(x: torch.Tensor, fast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token FP8 quantization of a linear's input: one Triton kernel on CUDA where it checks out, else
+    quantize_per_token_fp8 (same numbers up to the last bit of the scale, which PyTorch's CUDA division by a
+    number rounds differently)."""
+    if fast and x.is_cuda and fp8_kernel_ok(str(x.device)):
+        from ..kernels.fp8_quant import per_token_fp8
+
+        return per_token_fp8(x)
+    return quantize_per_token_fp8(x)
+
+
 def fp8_matmul(a, a_scale, w, w_scale, fast: bool = True, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Scaled fp8 a [M, K] @ fp8 w [N, K]^T -> [M, N], with torch._scaled_mm where it works. The result is float32,
     or `out_dtype` directly when the fast path can write it (a bf16 model's prefill then neither writes nor reads
@@ -283,7 +322,7 @@ class FP8Linear(W8A8Linear):
         return quantize_per_channel_fp8(w)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        xq, xs = quantize_per_token_fp8(x)
+        xq, xs = quantize_activations_fp8(x, self.fast)
         return fp8_matmul(xq, xs, self.qweight, self.weight_scale, self.fast, out_dtype=x.dtype)
 
 
