@@ -136,7 +136,6 @@ def main(argv=None) -> int:
 
 
 def _run(args, store) -> int:
-    from .jobs import execute
     from .recipe import parse_experiment, parse_step
 
     data: dict = {}
@@ -169,6 +168,21 @@ def _run(args, store) -> int:
     exp = parse_experiment(data)
     run_id = store.create_run(exp)
     print(f"run {run_id}: {exp.label()}  (store {store.path})", file=sys.stderr)
+    return _execute_here(run_id, store, args.json)
+
+
+def _resume(args, store) -> int:
+    from .jobs import resume
+
+    resume(args.run_id, store, spawn=False)
+    print(f"resuming run {args.run_id}: {store.get(args.run_id).label}", file=sys.stderr)
+    return _execute_here(args.run_id, store, args.json)
+
+
+def _execute_here(run_id: str, store, as_json: bool) -> int:
+    """Execute a queued run in this process with a progress bar, then print its metrics."""
+    from .jobs import execute
+
     try:
         execute(run_id, store, echo=_bar)
     except SlimError:
@@ -178,26 +192,7 @@ def _run(args, store) -> int:
         store.set_status_if_active(run_id, "cancelled", "Interrupted from the command line.")
         raise
     run = store.get(run_id)
-    print(json.dumps(run.metrics, indent=2) if args.json else summary(run))
-    return 0
-
-
-def _resume(args, store) -> int:
-    from .jobs import execute, resume
-
-    resume(args.run_id, store, spawn=False)
-    run = store.get(args.run_id)
-    print(f"resuming run {run.id}: {run.label}", file=sys.stderr)
-    try:
-        execute(run.id, store, echo=_bar)
-    except SlimError:
-        sys.stderr.write("\n")
-        raise
-    except KeyboardInterrupt:
-        store.set_status_if_active(run.id, "cancelled", "Interrupted from the command line.")
-        raise
-    run = store.get(run.id)
-    print(json.dumps(run.metrics, indent=2) if args.json else summary(run))
+    print(json.dumps(run.metrics, indent=2) if as_json else summary(run))
     return 0
 
 

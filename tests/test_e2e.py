@@ -91,14 +91,18 @@ def _set_number(page, label: str, value: int) -> None:
     page.wait_for_timeout(300)
 
 
+def _launch(playwright):
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync"])
+
+
 def test_submit_wait_compare_share(server):
     from playwright.sync_api import expect, sync_playwright
 
     url, data = server
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = _launch(p)
         try:
             page = browser.new_page(viewport={"width": 1500, "height": 1600})
             # The first page load probes bitsandbytes (imports torch): slow on a busy machine
@@ -167,9 +171,7 @@ def test_distillation_in_the_browser(server):
 
     url, data = server
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = _launch(p)
         try:
             page = browser.new_page(viewport={"width": 1500, "height": 2200})
             page.set_default_timeout(90_000)
