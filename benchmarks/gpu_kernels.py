@@ -244,7 +244,8 @@ def correctness(quick, deadline):
                 x = torch.randn(m, k, device=DEV, dtype=dtype)
                 ref = x.float() @ w32.t() + (0 if q.bias is None else q.bias.float())
                 tol = 1.2e-2 if dtype == torch.bfloat16 else 3e-3
-                paths = (["gemv"] if m <= 8 else []) + ["gemm"] + (["dequant+cublas"] if m >= 16 else [])
+                paths = (["gemv"] if m <= 8 else []) + ["gemm"] + (["dequant+cublas"] if m >= 16 else []) + \
+                    (["gemv_words"] if m == 1 and dispatch._words_ok(q) else [])
                 row = {"N": n, "K": k, "group": gs, "bits": bits, "sym": sym, "bias": bias, "dtype": str(dtype)[6:],
                        "M": m, "errors": {}}
                 for p in paths + ["reference"]:

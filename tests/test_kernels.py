@@ -129,6 +129,57 @@ def test_interp_gemm_matches_reference(k, n, kdim, gs, bits, sym, m, dtype, spli
     assert _rel(y, _oracle(x, q)) < _tol(dtype)
 
 
+# word-reading kernels (w4_words): 4-bit rows of whole 32-bit words; K=576 g=96 has 12 words per group (the
+# division path), g=128 the shift path with a short last group, None one group per row.
+WORDS_GEMV_CASES = [  # N, K, group, symmetric, dtype, split_k, config
+    (24, 576, 128, False, torch.float16, 1, {"BN": 8, "BKW": 16}),
+    (40, 576, 128, True, torch.bfloat16, 2, {"BN": 16, "BKW": 32}),
+    (17, 576, 96, False, torch.bfloat16, 3, {"BN": 8, "BKW": 16}),
+    (33, 200, 64, True, torch.float16, 1, {"BN": 16, "BKW": 8}),
+    (20, 200, None, False, torch.float16, 2, {"BN": 8, "BKW": 32}),
+]
+
+
+@interp
+@pytest.mark.parametrize("n,kdim,gs,sym,dtype,split,cfg", WORDS_GEMV_CASES)
+def test_interp_words_gemv_matches_reference(n, kdim, gs, sym, dtype, split, cfg):
+    from core.kernels import w4_words
+
+    q = _layer(n, kdim, 4, gs, sym)
+    x = _x(1, kdim, dtype)
+    y = w4_words.gemv(x, *_args(q)[:5], n, q.bias, config=cfg, split_k=split)
+    assert y.dtype == dtype and y.shape == (1, n)
+    assert _rel(y, _oracle(x, q)) < _tol(dtype)
+
+
+@interp
+@pytest.mark.parametrize("n,kdim,gs,sym,m,split", [(24, 576, 128, False, 5, 1), (33, 576, 96, True, 17, 3),
+                                                   (20, 200, None, True, 2, 2)])
+def test_interp_words_dot_matches_reference(n, kdim, gs, sym, m, split):
+    from core.kernels import w4_words
+
+    q = _layer(n, kdim, 4, gs, sym)
+    x = _x(m, kdim, torch.float16)  # bf16 tl.dot is wrong in the interpreter (BF16_DOT)
+    y = w4_words.gemm(x, *_args(q)[:5], n, q.bias, config={"BM": 16, "BN": 16, "BKW": 16}, split_k=split)
+    assert y.dtype == torch.float16 and y.shape == (m, n)
+    assert _rel(y, _oracle(x, q)) < _tol(torch.float16)
+
+
+@interp
+def test_interp_words_refuse_what_they_cannot_read():
+    from core.kernels import w4_words
+
+    x = _x(1, 202, torch.float16)
+    odd = _layer(8, 202, 4, 64, True)  # 101 bytes per row: not whole words
+    with pytest.raises(ValueError, match="whole 32-bit words"):
+        w4_words.gemv(x, *_args(odd)[:5], 8)
+    q = _layer(8, 576, 4, 36, True)  # groups of 4.5 words
+    with pytest.raises(ValueError, match="groups of whole words"):
+        w4_words.gemv(_x(1, 576, torch.float16), *_args(q)[:5], 8)
+    with pytest.raises(ValueError, match="one row"):
+        w4_words.gemv(_x(2, 576, torch.float16), *_args(_layer(8, 576, 4, 64, True))[:5], 8)
+
+
 @interp
 def test_interp_kernels_without_bias_and_poisoned_output(k):
     q = _layer(20, 576, 4, 128, False, bias=False)
@@ -152,12 +203,14 @@ def test_interp_dequantize_kernel_matches_reference(k, bits, gs, sym):
 
 
 @interp
-@pytest.mark.parametrize("path", ["gemv", "gemm", "dequant+cublas"])
+@pytest.mark.parametrize("path", ["gemv", "gemm", "dequant+cublas", "gemv_words"])
 def test_interp_quant_matmul_forced_paths_keep_leading_dims(k, path):
     q = _layer(24, 256, 4, 64, False)
     x = _x(6, 256, torch.float16).view(2, 3, 256)
     if path == "gemv":
         x = x[:1, :2]
+    if path == "gemv_words":
+        x = x[:1, :1]
     y = quant_matmul(x, q, path=path)
     assert y.shape == (*x.shape[:-1], 24)
     assert _rel(y.reshape(-1, 24), _oracle(x.reshape(-1, 256), q)) < 2e-3
@@ -190,19 +243,28 @@ def _fake_x(m, dtype=torch.bfloat16, cuda=True, kdim=256, requires_grad=False):
                            device=SimpleNamespace(index=0))
 
 
-def _fake_q(bits=4, gs=128, kdim=256, cuda=True):
-    return SimpleNamespace(packed=SimpleNamespace(is_cuda=cuda), bits=bits, group_size=gs, in_features=kdim,
-                           bias=None)
+def _fake_q(bits=4, gs=128, kdim=256, cuda=True, offset=0):
+    row = -(-kdim * bits // 8)  # packed bytes per row
+    packed = SimpleNamespace(is_cuda=cuda, shape=(8, row), dim=lambda: 2, stride=lambda d=None: (row, 1)[d],
+                             storage_offset=lambda: offset)
+    return SimpleNamespace(packed=packed, bits=bits, group_size=gs, in_features=kdim, bias=None)
 
 
 def test_dispatch_choices(monkeypatch):
     monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    # M = 1, 4-bit rows of whole 32-bit words, groups of whole words: the word-reading GEMV
+    assert kernel_for(_fake_x(1), _fake_q()) == "gemv_words"
+    assert kernel_for(_fake_x(1), _fake_q(gs=48)) == "gemv_words"  # 6 words per group: it divides
+    assert kernel_for(_fake_x(1, kdim=200), _fake_q(gs=64, kdim=200)) == "gemv_words"  # 100 bytes per row
+    assert kernel_for(_fake_x(1, kdim=202), _fake_q(gs=64, kdim=202)) == "gemm"  # 101 bytes: not whole words
+    assert kernel_for(_fake_x(1), _fake_q(offset=2)) == "gemm"  # a view that does not start on a word
+    assert kernel_for(_fake_x(1), _fake_q(bits=8)) == "gemm"
     monkeypatch.setattr(dispatch, "GEMV_MAX_M", 4)  # the shipped value (0) turns gemv off: test the rule itself
-    assert kernel_for(_fake_x(1), _fake_q()) == "gemv"
+    assert kernel_for(_fake_x(2), _fake_q()) == "gemv"
     assert kernel_for(_fake_x(4), _fake_q()) == "gemv"
     assert kernel_for(_fake_x(5), _fake_q()) == "gemm"
     monkeypatch.setattr(dispatch, "GEMV_MAX_M", 0)
-    assert kernel_for(_fake_x(1), _fake_q()) == "gemm"
+    assert kernel_for(_fake_x(2), _fake_q()) == "gemm"
     assert kernel_for(_fake_x(dispatch.DOT_MAX_M), _fake_q(bits=8)) == "gemm"
     assert kernel_for(_fake_x(dispatch.DOT_MAX_M + 1), _fake_q()) == "dequant+cublas"
     assert kernel_for(_fake_x(16, torch.float16), _fake_q(gs=32)) == "gemm"
@@ -211,7 +273,7 @@ def test_dispatch_choices(monkeypatch):
     assert kernel_for(_fake_x(1, cuda=False), _fake_q(cuda=False)) == "reference"
     assert kernel_for(_fake_x(1, torch.float32), _fake_q()) == "reference"
     assert kernel_for(_fake_x(1), _fake_q(bits=3)) == "reference"
-    assert kernel_for(_fake_x(1), _fake_q(gs=48)) == "reference"  # 4-bit needs groups of a multiple of 32
+    assert kernel_for(_fake_x(2), _fake_q(gs=48)) == "reference"  # 4-bit tiles need groups of a multiple of 32
     assert kernel_for(_fake_x(1), _fake_q(bits=8, gs=24)) == "reference"
     assert kernel_for(_fake_x(0), _fake_q()) == "reference"
     assert kernel_for(_fake_x(1, requires_grad=True), _fake_q()) == "reference"

@@ -2,6 +2,8 @@
 scales, zeros, bits, group_size, in_features, out_features, bias, qweight) by device, dtype, format and M.
 
   reference        dequantize to the input dtype, then F.linear (any device, any format): the oracle
+  gemv_words       Triton, M == 1, 4-bit rows of whole 32-bit words (w4_words.py): CUDA-core FMAs on codes
+                   taken from 32-bit words in the load's register layout
   gemv             Triton, M <= GEMV_MAX_M: streams the packed weight once, CUDA-core FMAs
   gemm             Triton, GEMV_MAX_M < M <= DOT_MAX_M: tensor cores, tiles dequantized in registers,
                    split-K at decode sizes
@@ -9,7 +11,8 @@ scales, zeros, bits, group_size, in_features, out_features, bias, qweight) by de
 
 The thresholds come from benchmarks/gpu_kernels.py on an H200 (benchmarks/results/gpu_kernels.json): the
 tensor-core kernel with split-K beat the CUDA-core GEMV at every M on the Llama-3-8B shapes, so GEMV_MAX_M = 0
-(gemv stays callable with path="gemv"); above M = 64 dequantize + cuBLAS beat our fused GEMM.
+(gemv stays callable with path="gemv"); above M = 64 dequantize + cuBLAS beat our fused GEMM. At M = 1,
+gemv_words beat both on an H100 (benchmarks/gpu_w4_words.py).
 """
 from __future__ import annotations
 
@@ -56,15 +59,26 @@ def reference_matmul(x: torch.Tensor, q) -> torch.Tensor:
     return F.linear(x, q.qweight.dequantize(x.dtype), bias)
 
 
+def _words_ok(q) -> bool:
+    """Same rule as w4_words.supported, without importing triton."""
+    p = q.packed
+    return (q.bits == 4 and p.dim() == 2 and p.shape[1] % 4 == 0 and p.stride(-1) == 1 and p.stride(0) % 4 == 0
+            and p.storage_offset() % 4 == 0 and (q.group_size >= q.in_features or q.group_size % 8 == 0))
+
+
 def kernel_for(x: torch.Tensor, q) -> str:
-    """The path quant_matmul(x, q) takes: 'gemv', 'gemm', 'dequant+cublas' or 'reference'."""
+    """The path quant_matmul(x, q) takes: 'gemv_words', 'gemv', 'gemm', 'dequant+cublas' or 'reference'."""
     if torch.is_grad_enabled() and (x.requires_grad or (q.bias is not None and q.bias.requires_grad)):
         return "reference"  # the kernels have no backward
     if not (x.is_cuda and q.packed.is_cuda and x.dtype in _FLOAT16 and q.bits in KERNEL_BITS
-            and x.shape[-1] == q.in_features and _group_ok(q.bits, q.group_size, q.in_features)):
+            and x.shape[-1] == q.in_features):
         return "reference"
     m = math.prod(x.shape[:-1])
     if m == 0 or not triton_available():
+        return "reference"
+    if m == 1 and _words_ok(q) and ("gemv_words", x.device.index, q.bits, x.dtype) not in _failed:
+        return "gemv_words"
+    if not _group_ok(q.bits, q.group_size, q.in_features):
         return "reference"
     path = "gemv" if m <= GEMV_MAX_M else "gemm" if m <= DOT_MAX_M else "dequant+cublas"
     return "reference" if (path, x.device.index, q.bits, x.dtype) in _failed else path
@@ -86,7 +100,11 @@ def quant_matmul(x: torch.Tensor, q, path: str | None = None) -> torch.Tensor:
     bias = None if q.bias is None else q.bias.detach()
     args = (q.packed, q.scales, q.zeros, q.bits, q.group_size)
     try:
-        if path == "gemv":
+        if path == "gemv_words":
+            from . import w4_words
+
+            y = w4_words.gemv(x2, *args, q.out_features, bias)
+        elif path == "gemv":
             y = w4a16.gemv(x2, *args, q.out_features, bias)
         elif path == "gemm":
             y = w4a16.gemm(x2, *args, q.out_features, bias)
