@@ -129,40 +129,42 @@ def test_interp_gemm_matches_reference(k, n, kdim, gs, bits, sym, m, dtype, spli
     assert _rel(y, _oracle(x, q)) < _tol(dtype)
 
 
-# word-reading kernels (w4_words): 4-bit rows of whole 32-bit words; K=576 g=96 has 12 words per group (the
-# division path), g=128 the shift path with a short last group, None one group per row.
-WORDS_GEMV_CASES = [  # N, K, group, symmetric, dtype, split_k, config
-    (24, 576, 128, False, torch.float16, 1, {"BN": 8, "BKW": 16}),
-    (40, 576, 128, True, torch.bfloat16, 2, {"BN": 16, "BKW": 32}),
-    (17, 576, 96, False, torch.bfloat16, 3, {"BN": 8, "BKW": 16}),
-    (33, 200, 64, True, torch.float16, 1, {"BN": 16, "BKW": 8}),
-    (20, 200, None, False, torch.float16, 2, {"BN": 8, "BKW": 32}),
+# word-reading GEMV (w4_words): 4-bit rows of whole 32-bit words; K=576 g=96 has 12 words per group (the
+# division path), g=128 the shift path with a short last group, None one group per row; BKW below the row's
+# words splits K (partials summed by a second kernel), ROWS not a multiple of N leaves a partial last block.
+WORDS_GEMV_CASES = [  # N, K, group, symmetric, dtype, config
+    (24, 576, 128, False, torch.float16, {"ROWS": 8, "BN": 4, "BKW": 32}),
+    (40, 576, 128, True, torch.bfloat16, {"ROWS": 16, "BN": 8, "BKW": 128}),
+    (17, 576, 96, False, torch.bfloat16, {"ROWS": 8, "BN": 2, "BKW": 16}),
+    (33, 200, 64, True, torch.float16, {"ROWS": 12, "BN": 4, "BKW": 32}),
+    (20, 200, None, False, torch.float16, {"ROWS": 4, "BN": 4, "BKW": 8}),
+    (36, 576, 64, True, torch.float16, None),  # the default tile rule
 ]
 
 
 @interp
-@pytest.mark.parametrize("n,kdim,gs,sym,dtype,split,cfg", WORDS_GEMV_CASES)
-def test_interp_words_gemv_matches_reference(n, kdim, gs, sym, dtype, split, cfg):
+@pytest.mark.parametrize("n,kdim,gs,sym,dtype,cfg", WORDS_GEMV_CASES)
+def test_interp_words_gemv_matches_reference(n, kdim, gs, sym, dtype, cfg):
     from core.kernels import w4_words
 
     q = _layer(n, kdim, 4, gs, sym)
     x = _x(1, kdim, dtype)
-    y = w4_words.gemv(x, *_args(q)[:5], n, q.bias, config=cfg, split_k=split)
-    assert y.dtype == dtype and y.shape == (1, n)
-    assert _rel(y, _oracle(x, q)) < _tol(dtype)
+    for bias in (q.bias, None):
+        y = w4_words.gemv(x, *_args(q)[:5], n, bias, config=cfg)
+        assert y.dtype == dtype and y.shape == (1, n)
+        ref = _oracle(x, q) - (0 if bias is not None else q.bias.float())
+        assert _rel(y, ref) < _tol(dtype)
 
 
-@interp
-@pytest.mark.parametrize("n,kdim,gs,sym,m,split", [(24, 576, 128, False, 5, 1), (33, 576, 96, True, 17, 3),
-                                                   (20, 200, None, True, 2, 2)])
-def test_interp_words_dot_matches_reference(n, kdim, gs, sym, m, split):
+def test_words_default_tiles_follow_the_sweep():
+    pytest.importorskip("triton")
     from core.kernels import w4_words
 
-    q = _layer(n, kdim, 4, gs, sym)
-    x = _x(m, kdim, torch.float16)  # bf16 tl.dot is wrong in the interpreter (BF16_DOT)
-    y = w4_words.gemm(x, *_args(q)[:5], n, q.bias, config={"BM": 16, "BN": 16, "BKW": 16}, split_k=split)
-    assert y.dtype == torch.float16 and y.shape == (m, n)
-    assert _rel(y, _oracle(x, q)) < _tol(torch.float16)
+    rule = w4_words.default_gemv_config
+    assert rule(14336, 4096) == {"ROWS": 64, "BN": 8, "BKW": 512, "num_warps": 4, "num_stages": 1}  # gate/up
+    assert rule(4096, 14336)["ROWS"] == 32 and rule(4096, 14336)["BKW"] == 256  # down: K split in 7
+    assert rule(4096, 4096)["ROWS"] == 16 and rule(1024, 4096)["ROWS"] == 8
+    assert rule(576, 576)["BKW"] == 128  # a short row is not padded to 512 words
 
 
 @interp
@@ -178,6 +180,9 @@ def test_interp_words_refuse_what_they_cannot_read():
         w4_words.gemv(_x(1, 576, torch.float16), *_args(q)[:5], 8)
     with pytest.raises(ValueError, match="one row"):
         w4_words.gemv(_x(2, 576, torch.float16), *_args(_layer(8, 576, 4, 64, True))[:5], 8)
+    with pytest.raises(ValueError, match="multiple of BN"):
+        w4_words.gemv(_x(1, 576, torch.float16), *_args(_layer(8, 576, 4, 64, True))[:5], 8,
+                      config={"ROWS": 6, "BN": 4})
 
 
 @interp

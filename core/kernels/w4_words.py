@@ -1,27 +1,27 @@
-"""4-bit weight-only matmul kernels that read each packed row as 32-bit words (decode sizes, M <= 64).
+"""A 4-bit weight-only GEMV (M = 1, decode) that reads each packed row as 32-bit words.
 
-    y[M, N] = x[M, K] @ dequant(W)[N, K]^T (+ bias),   dequant(W)[n, k] = (code[n, k] - zero[n, g]) * scale[n, g]
+    y[N] = x[K] @ dequant(W)[N, K]^T (+ bias),   dequant(W)[n, k] = (code[n, k] - zero[n, g]) * scale[n, g]
 
 slimlm's 4-bit rows (core.quant.packing: byte j holds code 2j low, 2j+1 high) read as little-endian int32 are
-words of 8 codes in order: nibble i of word j is code 8j + i. So the stored format needs no repacking: a program
-loads a [BN rows, BKW words] tile with 16-byte vector loads along K and takes the 8 codes of every word with one
-shift and one mask each, keeping everything in the load's register layout (the older kernels in w4a16.py unpack
-bytes with join + reshape, which moves data between threads and left them instruction-bound at ~27 % of HBM
-bandwidth).
+words of 8 codes in order: nibble i of word j is code 8j + i. So the stored format needs no repacking. A program
+owns one chunk of BKW words of K and ROWS rows: it loads x's chunk into registers once, as 8 vectors (x[8j + i]
+for each nibble position i) in the weight tile's layout, then walks its rows BN at a time with 16-byte loads
+(the next rows' words fetched before the current ones are used). Each code is one shift and one mask
+(a LOP3) into the float32 bits of 128 + code, exact, and one FMA:
 
-A code becomes a float without an int->float conversion: the nibble moved to bits 16..19 of 0x43000000 is the
-float32 128 + code, exact. Scales / zeros are gathered per (row, word), so any group size that is a multiple of
-8 works (including a last group the group size does not divide); the launchers refuse others.
+    y[n] = sum_words s * (sum_i (128 + c_i) x_i - (128 + z) sum_i x_i)
 
-  _gemv_words_kernel  M == 1, CUDA-core FMAs: y[n] = sum_words s * (sum_i (128 + c_i) x_i - (128 + z) sum_i x_i);
-                      partial sums stay per (row, word) in registers and are reduced once at the end.
-  _dot_words_kernel   M <= 64, tensor cores: for each nibble position i the [BN, BKW] tile of codes i is
-                      dequantized ((c - z) * s in float32, rounded once to the activation dtype, as the
-                      reference does) and multiplied with x's column k = 8j + i via tl.dot.
-Both can split K over programs (float32 partials summed by the launcher).
+Scales / zeros are gathered per (row, word), so any group size that is a multiple of 8 works (including a last
+group the group size does not divide); a group of 2**p words is found with a shift. K longer than one chunk is
+split over programs, whose float32 partials one small kernel sums (+ bias, cast).
+
+Tried and dropped on an H100 (benchmarks/RESULTS.md): a version whose programs walk K with x loaded per step
+(x reached each thread through shared memory every step; 1.65-1.74x bf16) and a tensor-core version that
+dequantizes per nibble position for tl.dot (0.5-0.8x bf16).
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -48,98 +48,77 @@ def _group_of_word(kw, gsize, GSHIFT: tl.constexpr):
 
 
 @triton.jit
-def _gemv_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
-                       N, K, KW, gsize, stride_wn, stride_sn, stride_ys,
-                       HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                       BN: tl.constexpr, BKW: tl.constexpr, GSHIFT: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+                      N, K, KW, gsize, stride_wn, stride_sn, stride_ys, ROWS,
+                      HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                      BN: tl.constexpr, BKW: tl.constexpr, GSHIFT: tl.constexpr):
+    """Program (axis 0: a block of ROWS rows, axis 1: a chunk of BKW words of K); see the module docstring."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rn = pid_n * BN + tl.arange(0, BN)
-    nmask = rn < N
-    rw = tl.arange(0, BKW)
-    n_steps = tl.cdiv(KW, BKW)
-    per_split = tl.cdiv(n_steps, SPLIT_K)
-    s0 = pid_k * per_split
-    s1 = tl.minimum(s0 + per_split, n_steps)
-    acc = tl.zeros([BN, BKW], dtype=tl.float32)
-    for st in range(s0, s1):
-        kw = st * BKW + rw
-        wmask = nmask[:, None] & (kw < KW)[None, :]
-        wu = tl.load(w_ptr + rn[:, None] * stride_wn + kw[None, :], mask=wmask, other=0).to(tl.uint32, bitcast=True)
-        part = tl.zeros([BN, BKW], dtype=tl.float32)
-        xs = tl.zeros([BKW], dtype=tl.float32)
-        for i in tl.static_range(8):
-            k = kw * 8 + i
-            xi = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-            part += _code_f32(wu, i) * xi[None, :]
-            xs += xi
-        g = _group_of_word(kw, gsize, GSHIFT)
+    kw = pid_k * BKW + tl.arange(0, BKW)
+    kmask = kw < KW
+    k8 = kw * 8
+    x0 = tl.load(x_ptr + k8, mask=k8 < K, other=0.0).to(tl.float32)
+    x1 = tl.load(x_ptr + k8 + 1, mask=k8 + 1 < K, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + k8 + 2, mask=k8 + 2 < K, other=0.0).to(tl.float32)
+    x3 = tl.load(x_ptr + k8 + 3, mask=k8 + 3 < K, other=0.0).to(tl.float32)
+    x4 = tl.load(x_ptr + k8 + 4, mask=k8 + 4 < K, other=0.0).to(tl.float32)
+    x5 = tl.load(x_ptr + k8 + 5, mask=k8 + 5 < K, other=0.0).to(tl.float32)
+    x6 = tl.load(x_ptr + k8 + 6, mask=k8 + 6 < K, other=0.0).to(tl.float32)
+    x7 = tl.load(x_ptr + k8 + 7, mask=k8 + 7 < K, other=0.0).to(tl.float32)
+    xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+    g = _group_of_word(kw, gsize, GSHIFT)
+    r0 = pid_n * ROWS
+    rb = tl.arange(0, BN)
+    rn = r0 + rb
+    wmask = (rn < N)[:, None] & kmask[None, :]
+    wu = tl.load(w_ptr + rn[:, None] * stride_wn + kw[None, :], mask=wmask, other=0)
+    for r in range(r0, r0 + ROWS, BN):
+        rn = r + rb
+        nmask = rn < N
+        wmask = nmask[:, None] & kmask[None, :]
+        nxt = r + BN + rb  # prefetch the next rows' words (masked off past this program's rows)
+        wn = tl.load(w_ptr + nxt[:, None] * stride_wn + kw[None, :],
+                     mask=((nxt < N) & (nxt < r0 + ROWS))[:, None] & kmask[None, :], other=0)
+        u = wu.to(tl.uint32, bitcast=True)
+        part = _code_f32(u, 0) * x0[None, :]  # one FMA per code: accumulate in sequence
+        part += _code_f32(u, 1) * x1[None, :]
+        part += _code_f32(u, 2) * x2[None, :]
+        part += _code_f32(u, 3) * x3[None, :]
+        part += _code_f32(u, 4) * x4[None, :]
+        part += _code_f32(u, 5) * x5[None, :]
+        part += _code_f32(u, 6) * x6[None, :]
+        part += _code_f32(u, 7) * x7[None, :]
         s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=wmask, other=0.0).to(tl.float32)
         if HAS_Z:
             z = tl.load(z_ptr + rn[:, None] * stride_sn + g[None, :], mask=wmask, other=0).to(tl.float32)
         else:
             z = tl.full([BN, BKW], 8.0, tl.float32)
-        acc += s * (part - (128.0 + z) * xs[None, :])
-    y = tl.sum(acc, axis=1)
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
-    else:
-        tl.store(y_ptr + pid_k * stride_ys + rn, y, mask=nmask)
+        y = tl.sum(s * (part - (128.0 + z) * xs[None, :]), axis=1)
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                y += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+            tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
+        else:
+            tl.store(y_ptr + pid_k * stride_ys + rn, y, mask=nmask)
+        wu = wn
 
 
 @triton.jit
-def _dot_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
-                      M, N, K, KW, gsize, stride_xm, stride_wn, stride_sn, stride_ym, stride_ys,
-                      HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, GSHIFT: tl.constexpr):
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BM)
-    pid_m = pid % num_m
-    pid_n = pid // num_m
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    mmask = rm < M
-    nmask = rn < N
-    rw = tl.arange(0, BKW)
-    n_steps = tl.cdiv(KW, BKW)
-    per_split = tl.cdiv(n_steps, SPLIT_K)
-    s0 = pid_k * per_split
-    s1 = tl.minimum(s0 + per_split, n_steps)
-    acc = tl.zeros([BN, BM], dtype=tl.float32)
-    for st in range(s0, s1):
-        kw = st * BKW + rw
-        wmask = nmask[:, None] & (kw < KW)[None, :]
-        wu = tl.load(w_ptr + rn[:, None] * stride_wn + kw[None, :], mask=wmask, other=0).to(tl.uint32, bitcast=True)
-        g = _group_of_word(kw, gsize, GSHIFT)
-        s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=wmask, other=0.0).to(tl.float32)
-        if HAS_Z:
-            z = tl.load(z_ptr + rn[:, None] * stride_sn + g[None, :], mask=wmask, other=0).to(tl.float32)
-        else:
-            z = tl.full([BN, BKW], 8.0, tl.float32)
-        zo = 128.0 + z
-        for i in tl.static_range(8):
-            k = kw * 8 + i
-            xt = tl.load(x_ptr + rm[None, :] * stride_xm + k[:, None], mask=(k < K)[:, None] & mmask[None, :],
-                         other=0.0)  # [BKW, BM]
-            a = ((_code_f32(wu, i) - zo) * s).to(xt.dtype)  # (c - z) * s, rounded once like the reference
-            acc = tl.dot(a, xt, acc)
-    ymask = nmask[:, None] & mmask[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
-        tl.store(y_ptr + rm[None, :] * stride_ym + rn[:, None], acc.to(y_ptr.dtype.element_ty), mask=ymask)
-    else:
-        tl.store(y_ptr + pid_k * stride_ys + rm[None, :] * stride_ym + rn[:, None], acc, mask=ymask)
+def _sum_splits_kernel(p_ptr, b_ptr, y_ptr, N, stride_ps, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """y[n] = sum_s partial[s, n] (+ bias), in y's dtype: one launch instead of sum + add + cast."""
+    rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = rn < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for sp in tl.static_range(SPLIT_K):
+        acc += tl.load(p_ptr + sp * stride_ps + rn, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # --- launchers -------------------------------------------------------------------------------------------------
-
-import functools  # noqa: E402
-
-import torch  # noqa: E402
 
 
 def supported(bits: int, group_size: int, in_features: int, packed: torch.Tensor) -> bool:
@@ -147,43 +126,6 @@ def supported(bits: int, group_size: int, in_features: int, packed: torch.Tensor
     return (bits == 4 and packed.dim() == 2 and packed.shape[1] % 4 == 0 and packed.stride(-1) == 1
             and packed.stride(0) % 4 == 0 and packed.storage_offset() % 4 == 0
             and (group_size >= in_features or group_size % 8 == 0))
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _programs_wanted(x: torch.Tensor) -> int:
-    return 4 * (_sm_count(x.device.index or 0) if x.is_cuda else 8)
-
-
-def default_split_k(tiles: int, k_words: int, bkw: int, wanted: int) -> int:
-    """Split K (power of two, <= 8, >= 4 steps per split) until the tiles x splits reach `wanted` programs."""
-    split = 1
-    while tiles * split < wanted and split < 8 and k_words // (bkw * split * 2) >= 4:
-        split *= 2
-    return split
-
-
-def default_gemv_config(n: int, k: int) -> dict:
-    # benchmarks/gpu_w4_words.py on an H100 (results/gpu_w4_words.json): within 7 % of each Llama-3-8B shape's
-    # best config
-    return {"BN": 16, "BKW": 128, "num_warps": 4, "num_stages": 1}
-
-
-def default_dot_config(m: int, n: int, k: int) -> dict:
-    bm = 16 if m <= 16 else 32 if m <= 32 else 64
-    return {"BM": bm, "BN": 64, "BKW": 32, "num_warps": 4, "num_stages": 3}
-
-
-def _finish(y: torch.Tensor, split: int, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    if split == 1:
-        return y
-    out = y.sum(0)
-    if bias is not None:
-        out += bias.float()
-    return out.to(dtype)
 
 
 def group_shift(group_size: int, in_features: int) -> int:
@@ -203,50 +145,44 @@ def _check(bits, group_size, k, packed, bkw):
         raise ValueError(f"BKW must be a power of two, got {bkw}")
 
 
+def default_gemv_config(n: int, k: int) -> dict:
+    """Tile rule from benchmarks/gpu_w4_words.py on an H100 (results/gpu_w4_words.json; each Llama-3-8B shape's best
+    config): K in one chunk when a row has at most 512 words, else chunks of 256 (split K); about 200 row blocks per K
+    chunk (8 to 64 rows per program), 32 rows when K is split."""
+    kw = -(-k // 8)
+    bkw = min(512, max(32, triton.next_power_of_2(kw))) if kw <= 512 else 256
+    if kw <= bkw:
+        rows = min(64, max(8, 1 << max(0, (n // 200).bit_length() - 1)))
+    else:
+        rows = 32
+    return {"ROWS": rows, "BN": 8 if rows >= 64 else 4, "BKW": bkw, "num_warps": 4 if rows >= 32 else 8,
+            "num_stages": 1}
+
+
 def gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
-         group_size: int, n_out: int, bias: torch.Tensor | None = None, config: dict | None = None,
-         split_k: int | None = None) -> torch.Tensor:
-    """x [1, K] (contiguous) -> y [1, N] in x.dtype."""
+         group_size: int, n_out: int, bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """x [1, K] (contiguous) -> y [1, N] in x.dtype; K is split into chunks of BKW words (one per program column)."""
     m, k = x.shape
     if m != 1:
         raise ValueError("gemv_words takes one row of x")
     cfg = {**default_gemv_config(n_out, k), **(config or {})}
     _check(bits, group_size, k, packed, cfg["BKW"])
+    if cfg["ROWS"] % cfg["BN"]:
+        raise ValueError("ROWS must be a multiple of BN")
     w = packed.view(torch.int32)
     kw = w.shape[1]
-    tiles = triton.cdiv(n_out, cfg["BN"])
-    split = max(1, int(split_k)) if split_k else default_split_k(tiles, kw, cfg["BKW"], _programs_wanted(x))
+    split = triton.cdiv(kw, cfg["BKW"])
     y = (torch.empty(1, n_out, device=x.device, dtype=x.dtype) if split == 1
          else torch.empty(split, n_out, device=x.device, dtype=torch.float32))
-    _gemv_words_kernel[(tiles, split)](
+    _gemv_kernel[(triton.cdiv(n_out, cfg["ROWS"]), split)](
         x, w, scales, scales if zeros is None else zeros, scales if bias is None else bias, y,
-        n_out, k, kw, group_size, w.stride(0), scales.stride(0), y.stride(0) if split > 1 else 0,
+        n_out, k, kw, group_size, w.stride(0), scales.stride(0), y.stride(0) if split > 1 else 0, cfg["ROWS"],
         HAS_Z=zeros is not None, HAS_BIAS=bias is not None and split == 1, SPLIT_K=split,
         BN=cfg["BN"], BKW=cfg["BKW"], GSHIFT=group_shift(group_size, k), num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
-    return _finish(y, split, bias, x.dtype).view(1, n_out)
-
-
-def gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
-         group_size: int, n_out: int, bias: torch.Tensor | None = None, config: dict | None = None,
-         split_k: int | None = None) -> torch.Tensor:
-    """Tensor-core kernel. x [M, K] fp16/bf16 (rows contiguous) -> y [M, N] in x.dtype."""
-    m, k = x.shape
-    cfg = {**default_dot_config(m, n_out, k), **(config or {})}
-    _check(bits, group_size, k, packed, cfg["BKW"])
-    if cfg["BKW"] < 16:
-        raise ValueError("the tensor-core kernel needs BKW >= 16 (tl.dot's K)")
-    w = packed.view(torch.int32)
-    kw = w.shape[1]
-    tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(n_out, cfg["BN"])
-    split = max(1, int(split_k)) if split_k else default_split_k(tiles, kw, cfg["BKW"], _programs_wanted(x))
-    y = (torch.empty(m, n_out, device=x.device, dtype=x.dtype) if split == 1
-         else torch.empty(split, m, n_out, device=x.device, dtype=torch.float32))
-    _dot_words_kernel[(tiles, split)](
-        x, w, scales, scales if zeros is None else zeros, scales if bias is None else bias, y,
-        m, n_out, k, kw, group_size, x.stride(0), w.stride(0), scales.stride(0), y.stride(-2),
-        y.stride(0) if split > 1 else 0,
-        HAS_Z=zeros is not None, HAS_BIAS=bias is not None and split == 1, SPLIT_K=split,
-        BM=cfg["BM"], BN=cfg["BN"], BKW=cfg["BKW"], GSHIFT=group_shift(group_size, k), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
-    return _finish(y, split, bias, x.dtype)
+    if split == 1:
+        return y
+    out = torch.empty(1, n_out, device=x.device, dtype=x.dtype)
+    _sum_splits_kernel[(triton.cdiv(n_out, 1024),)](y, scales if bias is None else bias, out, n_out, y.stride(0),
+                                                    SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=1024)
+    return out
