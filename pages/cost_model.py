@@ -115,6 +115,7 @@ with right:
         "bw_efficiency": ("Bandwidth efficiency", 0.05, False),
         "flop_efficiency": ("FLOP/s efficiency", 0.05, False),
         "mem_utilization": ("Usable memory fraction", 0.05, False),
+        "layer_overhead_us": ("Per-layer step overhead (µs)", 1.0, False),
     }
     values = {}
     cols = st.columns(2)
@@ -128,7 +129,15 @@ with right:
             values[f] = None
     hw = replace(base, **values)
     st.caption("Peak rates are dense spec-sheet numbers (sparsity figures halved). Efficiency factors scale them "
-               "to what kernels reach; a measured profile uses achieved rates (efficiency 1).")
+               "to what kernels reach; a measured profile uses achieved rates (efficiency 1). The per-layer "
+               "overhead adds launch and small-op time to every decode step (0 = pure roofline).")
+    if hw.kernel_bw:
+        by_fmt = {}
+        for fmt, b, frac in hw.kernel_bw:
+            by_fmt.setdefault(fmt, []).append(f"{frac:.0%} at batch {b}")
+        st.caption(f"Calibrated to {hw.calibration}: decode moves the decoder linears at the bandwidth their "
+                   "kernels reached (fraction of peak) — " + "; ".join(f"{k}: {', '.join(v)}" for k, v in by_fmt.items())
+                   + ". Settings without a measurement use the bandwidth efficiency.")
 
 # -- estimates -------------------------------------------------------------------------------------
 estimates, errors = [], []

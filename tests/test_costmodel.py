@@ -2,6 +2,7 @@
 hand from the formulas (the arithmetic is written out), not by calling the same code twice."""
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,50 @@ def test_decode_becomes_compute_bound_and_crossover():
     assert cm.crossover_batch(L8, BF16, H100, context=1152) == math.inf
 
 
+CAL = cm.PRESET_HARDWARE["H100 SXM (slimlm kernels, measured)"]
+
+
+def test_kernel_format_keys():
+    assert cm.kernel_format(BF16) == "dense"
+    assert cm.kernel_format(cm.weight_only(4, 128)) == "int4"
+    assert cm.kernel_format(cm.weight_only(4, 64, symmetric=False)) == "int4-asym"
+    assert cm.kernel_format(cm.weight_only(8, None)) == "int8"
+    assert cm.kernel_format(cm.w8a8("fp8")) == "w8a8-fp8"
+    assert cm.kernel_format(cm.w8a8("int8")) == "w8a8-int8"
+    for unmeasured in (cm.nf4(), cm.sparse_24(), cm.unstructured_50(), cm.weight_only(3, 128)):
+        assert cm.kernel_format(unmeasured) == ""
+
+
+def test_measured_bandwidth_interpolates_in_log_batch():
+    hw = replace(H100, kernel_bw=(("int4", 1, 0.4), ("int4", 16, 0.2), ("dense", 4, 0.7)))
+    assert cm.measured_bw_fraction(hw, "int4", 1) == 0.4
+    assert cm.measured_bw_fraction(hw, "int4", 4) == pytest.approx(0.3)  # halfway in log2 between 1 and 16
+    assert cm.measured_bw_fraction(hw, "int4", 256) == 0.2  # the nearest measured batch outside the range
+    assert cm.measured_bw_fraction(hw, "dense", 1) == 0.7
+    assert cm.measured_bw_fraction(hw, "fp8", 1) is None
+    assert cm.measured_bw_fraction(H100, "dense", 1) is None  # the plain preset is a pure roofline
+
+
+def test_calibrated_decode_by_hand():
+    w4 = cm.weight_only(4, 128)
+    wb = cm.weight_bytes(L8, w4)
+    kv = 131072 * 1.5
+    peak = 3350e9
+    lin = wb["linear"] / (peak * 0.377)
+    rest = (wb["read_per_step"] - wb["linear"]) / (peak * 0.740)
+    e = cm.estimate(L8, w4, CAL, batch=1, prompt_len=1, gen_tokens=1)
+    assert e.decode_ms == pytest.approx((lin + rest + kv / BW + 32 * 80e-6) * 1e3, rel=1e-9)
+    assert e.notes == []
+    # the plain H100 profile is the roofline alone; the calibrated one is slower for every measured format
+    for s in (BF16, w4, cm.w8a8("fp8")):
+        assert cm.estimate(L8, s, CAL, 1, 128, 64).decode_ms > cm.estimate(L8, s, H100, 1, 128, 64).decode_ms
+    # an unmeasured format keeps the roofline's bandwidth efficiency, plus the overhead, and says so
+    nf4 = cm.nf4()
+    e = cm.estimate(L8, nf4, CAL, 1, 1, 1)
+    assert e.decode_ms == pytest.approx(cm.estimate(L8, nf4, H100, 1, 1, 1).decode_ms + 32 * 80e-3, rel=1e-9)
+    assert any("no measurement" in n for n in e.notes)
+
+
 def test_prefill():
     e = cm.estimate(L8, BF16, H100, batch=1, prompt_len=2048, gen_tokens=1)
     flops = 2 * L8_LINEAR * 2048 + 2 * L8_EMB + 2 * 32 * 2048**2 * 4096  # linears, last logits, causal attention
@@ -270,6 +315,16 @@ def test_page_renders_and_hardware_changes_numbers(store):
     at.number_input(key="cm_hw_bandwidth_gbs_A100 80GB").set_value(4078.0).run()  # double it
     assert _table(at).loc["bf16", "Decode (ms/token)"] == pytest.approx(a100 / 2, rel=0.02)
     assert any("no fp8" in i.value for i in at.info)
+    # the profile calibrated to slimlm's kernels: slower than the H100 roofline, says what it was measured on,
+    # and its per-layer overhead is editable (0 removes it)
+    name = "H100 SXM (slimlm kernels, measured)"
+    at.selectbox(key="cm_hw").set_value(name).run()
+    assert not at.exception
+    cal = _table(at).loc["bf16", "Decode (ms/token)"]
+    assert cal > h100 * 1.3
+    assert any("Calibrated to slimlm's" in c.value for c in at.caption)
+    at.number_input(key=f"cm_hw_layer_overhead_us_{name}").set_value(0.0).run()
+    assert _table(at).loc["bf16", "Decode (ms/token)"] == pytest.approx(cal - 30 * 0.080, rel=1e-3)  # SmolLM2: 30 layers
 
 
 def test_page_error_when_context_does_not_fit(store):

@@ -334,6 +334,12 @@ class Hardware:
     flop_efficiency: float = 0.6  # achievable fraction of peak FLOP/s
     mem_utilization: float = 0.9  # fraction of memory usable for weights + KV + activations
     match: tuple[str, ...] = ()   # substrings of a recorded GPU name that mean this device
+    # Calibration to measured kernels (empty / 0 = pure roofline). kernel_bw: (format, batch, fraction of peak
+    # bandwidth the weight matmuls of that format reach at that decode batch); layer_overhead_us: time per decoder
+    # layer per decode step beyond the roofline (launches, norms, rotary, short attention).
+    kernel_bw: tuple[tuple[str, int, float], ...] = ()
+    layer_overhead_us: float = 0.0
+    calibration: str = ""
 
     def peak_flops(self, compute: str) -> float:
         """Peak FLOP/s of a compute kind; int8/fp8 fall back to the bf16 rate when absent."""
@@ -383,6 +389,24 @@ PRESET_HARDWARE: dict[str, Hardware] = {h.name: h for h in (
     # NVIDIA L4 datasheet: 24 GB GDDR6 at 300 GB/s; BF16 242, FP8 485, INT8 485 "with sparsity" -> half
     # dense; FP32 30.3. ~$0.8/h (e.g. a GCP g2 instance).
     Hardware("L4", "gpu", 300, 121, 30.3, 24, 0.8, int8_tops=242.5, fp8_tflops=242.5, sparse24=True, match=("L4",)),
+    # The H100 as slimlm's own kernels and CUDA-graph decode loop run on it (measured 2026-11-26,
+    # benchmarks/RESULTS.md "Cost model calibrated to slimlm's kernels"): the achieved bandwidth of the weight
+    # matmuls of a Llama-3-8B layer (q, k, v, o, gate, up, down at their shapes) per format and batch, from
+    # benchmarks/gpu_kernels.py (results/gpu_kernels_h100.json), and the per-layer step overhead fitted to one
+    # decode measurement (bf16, batch 1, results/gpu_decode_w4_words.json).
+    Hardware("H100 SXM (slimlm kernels, measured)", "gpu", 3350, 989.5, 67, 80, 3.0, int8_tops=1979,
+             fp8_tflops=1979, sparse24=True, match=("H100",),
+             kernel_bw=(("dense", 1, 0.740), ("dense", 4, 0.736), ("dense", 16, 0.725), ("dense", 64, 0.712),
+                        ("int4", 1, 0.377), ("int4", 4, 0.263), ("int4", 16, 0.254), ("int4", 64, 0.137),
+                        ("int4-asym", 1, 0.318), ("int4-asym", 16, 0.256),
+                        ("int8", 1, 0.463), ("int8", 4, 0.449), ("int8", 16, 0.430), ("int8", 64, 0.221),
+                        ("w8a8-fp8", 1, 0.346), ("w8a8-fp8", 4, 0.345), ("w8a8-fp8", 16, 0.354),
+                        ("w8a8-fp8", 64, 0.363),
+                        ("w8a8-int8", 1, 0.190), ("w8a8-int8", 4, 0.179), ("w8a8-int8", 16, 0.161),
+                        ("w8a8-int8", 64, 0.153)),
+             layer_overhead_us=80.0,
+             calibration="slimlm's Triton/cuBLAS kernels and CUDA-graph decode loop on an H100 80GB HBM3, "
+                         "measured 2026-11-26"),
     # A generic x86 server: 32 cores at 2.5 GHz with AVX-512, 8 channels of DDR5-4800 (307 GB/s),
     # ~$2.9/h (a 64-vCPU on-demand instance). All editable.
     cpu_profile(),
@@ -470,11 +494,50 @@ def prefill_time(shape: ModelShape, setting: Setting, hw: Hardware, batch: int, 
     return roofline_s(_compute_time(prefill_flops(shape, batch, prompt_len), setting, hw), nbytes, hw)
 
 
+def kernel_format(setting: Setting) -> str:
+    """The key of a setting's weight matmul in Hardware.kernel_bw ('' = no such measurement)."""
+    if setting.compute in ("int8", "fp8"):
+        return f"w8a8-{setting.compute}"
+    if setting.quantized and setting.bits in (4, 8) and setting.scale_bytes == 2.0 and setting.density == 1:
+        return f"int{int(setting.bits)}" + ("-asym" if setting.zero_bytes else "")
+    if not setting.quantized and setting.density == 1 and setting.index_bits == 0:
+        return "dense"
+    return ""
+
+
+def measured_bw_fraction(hw: Hardware, fmt: str, batch: int) -> float | None:
+    """Fraction of peak bandwidth hw.kernel_bw gives for `fmt` at `batch`: linear in log(batch) between the
+    measured batches, the nearest one outside them; None when the format was not measured."""
+    pts = sorted((b, f) for k, b, f in hw.kernel_bw if k == fmt)
+    if not pts:
+        return None
+    if batch <= pts[0][0]:
+        return pts[0][1]
+    for (b0, f0), (b1, f1) in zip(pts, pts[1:]):
+        if batch <= b1:
+            t = math.log(batch / b0) / math.log(b1 / b0)
+            return f0 + t * (f1 - f0)
+    return pts[-1][1]
+
+
 def decode_step_time(shape: ModelShape, setting: Setting, hw: Hardware, batch: int, context: float) -> tuple[float, str]:
     """Seconds of one decode step = max((weight bytes + KV bytes read) / BW, decode FLOPs / FLOP/s),
-    KV read = kv_bytes_per_token x B x context."""
-    nbytes = weight_bytes(shape, setting)["read_per_step"] + kv_cache_bytes(shape, setting, batch, context)
-    return roofline_s(_compute_time(decode_flops(shape, batch, context), setting, hw), nbytes, hw)
+    KV read = kv_bytes_per_token x B x context. A calibrated profile (hw.kernel_bw) moves the decoder linears at
+    their format's measured bandwidth and the rest (lm_head, norms) at the dense one, and adds
+    layers x hw.layer_overhead_us."""
+    wb = weight_bytes(shape, setting)
+    kv = kv_cache_bytes(shape, setting, batch, context)
+    compute = _compute_time(decode_flops(shape, batch, context), setting, hw)
+    lin_frac = measured_bw_fraction(hw, kernel_format(setting), batch)
+    if lin_frac is None:
+        t, bound = roofline_s(compute, wb["read_per_step"] + kv, hw)
+    else:
+        peak = hw.bandwidth_gbs * GB
+        rest_frac = measured_bw_fraction(hw, "dense", batch) or hw.bw_efficiency
+        mem = wb["linear"] / (peak * lin_frac) + (wb["read_per_step"] - wb["linear"]) / (peak * rest_frac) \
+            + kv / hw.bandwidth
+        t, bound = (mem, "memory") if mem >= compute else (compute, "compute")
+    return t + shape.layers * hw.layer_overhead_us * 1e-6, bound
 
 
 def crossover_batch(shape: ModelShape, setting: Setting, hw: Hardware, context: float = 0) -> float:
@@ -551,6 +614,10 @@ def estimate(shape: ModelShape, setting: Setting, hw: Hardware, batch: int = 1, 
         if not 0 < v <= 1:
             raise ValueError(f"{hw.name}: {what} must be in (0, 1], got {v}")
     notes = []
+    if hw.kernel_bw:
+        if measured_bw_fraction(hw, kernel_format(setting), batch) is None:
+            notes.append(f"{hw.name} has no measurement for {setting.name}: its linears are taken at the "
+                         f"bandwidth efficiency ({hw.bw_efficiency:.2f}), plus the measured per-layer overhead.")
     if not hw.supports(setting.compute):
         notes.append(f"{hw.name} has no {setting.compute} tensor cores: the matmul is taken at the {setting.act} rate.")
     if setting.sparse24 and not hw.sparse24:

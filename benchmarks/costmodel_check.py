@@ -1,0 +1,60 @@
+"""The cost model's decode-step estimate beside measured decode steps (issue 6): reads the decode benchmarks'
+JSON (benchmarks/gpu_decode.py output) and prints measured / estimated per configuration for the plain roofline
+profile and the profile calibrated to slimlm's kernels.
+
+  python benchmarks/costmodel_check.py [--out results/costmodel_check.json] DECODE_JSON [DECODE_JSON ...]
+
+Only CUDA-graph, uncompiled rows are compared (the loop the calibrated profile describes and the app's latency
+measurement uses); compiled rows are listed for reference.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from core.measure import costmodel as cm  # noqa: E402
+
+SETTINGS = {"bf16": cm.float_setting("bf16"), "w4a16": cm.weight_only(4, 128), "fp8": cm.w8a8("fp8")}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("decode_json", nargs="+")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    shape = cm.PRESET_MODELS["Llama-3-8B"]
+    profiles = {"roofline": cm.PRESET_HARDWARE["H100 SXM"],
+                "calibrated": cm.PRESET_HARDWARE["H100 SXM (slimlm kernels, measured)"]}
+    rows = []
+    for f in a.decode_json:
+        d = json.loads(Path(f).read_text())
+        for r in d.get("runs", []) + d.get("compiled", []):
+            if r.get("layers") != shape.layers or r["config"] not in SETTINGS:
+                continue
+            step_ms = r["batch"] * 1000 / r["decode_tokens_per_s"]
+            row = {"file": Path(f).name, "config": r["config"], "batch": r["batch"], "mode": r["mode"],
+                   "card": d["env"]["card"], "measured_step_ms": step_ms}
+            for name, hw in profiles.items():
+                e = cm.estimate(shape, SETTINGS[r["config"]], hw, r["batch"], r["prompt_len"], r["new_tokens"])
+                row[f"{name}_ms"] = e.decode_ms
+                row[f"{name}_ratio"] = step_ms / e.decode_ms
+            row["compared"] = r["mode"] == "cuda_graph"
+            row["within_25pct"] = abs(row["calibrated_ms"] - step_ms) / step_ms <= 0.25
+            rows.append(row)
+    print(f"{'file':32s} {'config':6s} {'B':>3s} {'mode':20s} {'measured':>9s} {'roofline (ratio)':>18s} "
+          f"{'calibrated (ratio)':>20s}")
+    for r in rows:
+        print(f"{r['file']:32s} {r['config']:6s} {r['batch']:3d} {r['mode']:20s} {r['measured_step_ms']:8.2f}m "
+              f"{r['roofline_ms']:8.2f} ({r['roofline_ratio']:.2f}) {r['calibrated_ms']:10.2f} ({r['calibrated_ratio']:.2f})"
+              + ("" if r["compared"] else "  [reference]"))
+    if a.out:
+        Path(a.out).write_text(json.dumps({"command": "python " + " ".join(sys.argv), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
