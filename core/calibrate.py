@@ -8,15 +8,21 @@ SmoothQuant, Wanda, SparseGPT).
 2. For each layer: move it to the device, run every window through it with pre-hooks on its linears feeding
    the method's observe(), let the method's apply() compress the layer, run the windows through the compressed
    layer (so the next layer sees this one's error), move it back.
+   One-forward mode, for methods that support it (Observer.sequential, e.g. GPTQ) when the batched activations
+   fit a budget: all windows run through the layer once, batched, and each group of linears that share one
+   input (q/k/v, gate/up) is compressed the moment that input reaches them, so the rest of the forward already
+   runs on the compressed weights and its output is the compressed layer's ("true-sequential" GPTQ): one
+   forward per layer instead of two.
 
-Only one layer, the windows' hidden states and the method's statistics are on the device at any time;
-embeddings, final norm and lm_head stay where they are.
+Only one layer, the windows' hidden states and the method's statistics are on the device at any time, plus, in
+the one-forward mode, the batched forward's activations (at most the budget); embeddings, final norm and lm_head
+stay where they are.
 """
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from collections.abc import Callable
 from functools import partial
 
@@ -85,13 +91,22 @@ class LayerContext:
     run: Callable[[], list[torch.Tensor]]  # the layer's outputs for every window with its current weights
 
 
+ONE_FORWARD_BYTES = 1 << 30  # default budget of the one-forward mode's batched activations (see run_calibrated)
+
+
 class Observer:
     """What a calibrated method plugs in. observe() accumulates statistics for one linear from a batch of its
     inputs x [..., in_features] (on the device, the model's dtype); apply() compresses the layer from them, may
-    replace ctx.linears (by model-level name) and returns per-layer records, freeing the statistics it used."""
+    replace ctx.linears (by model-level name) and returns per-layer records, freeing the statistics it used.
+
+    sequential: the method also works in the one-forward mode, where apply() is called in the middle of the
+    layer's forward on a LayerContext whose linears are one group that shares an input (q/k/v), right after
+    observe() got that input for all windows at once; the linears it leaves in the model then run next
+    (ctx.run is unavailable). Off by default: the method then sees the whole layer at once, as described."""
 
     name = "calibrate"
     skip: tuple[str, ...] | list[str] = ()  # substrings of model-level linear names to leave alone
+    sequential = False
 
     def observe(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
         raise NotImplementedError
@@ -268,14 +283,133 @@ def _observe(layer: nn.Module, linears: dict, method: Observer, hidden: list, ca
             hook_.remove()
 
 
+def _probe(layer: nn.Module, linears: dict, hidden: torch.Tensor, template) -> tuple[list[list[str]], int] | None:
+    """Run one window through the layer until each linear has been called: -> (the linears grouped by the input
+    tensor they were fed, in call order; bytes of their inputs and outputs for this window), or None unless
+    every linear was called exactly once (the condition of the one-forward mode)."""
+    inputs: dict[str, torch.Tensor] = {}
+    twice = False
+
+    def hook(mod, inp, n):
+        nonlocal twice
+        twice = twice or n in inputs
+        inputs[n] = inp[0]
+        if twice or len(inputs) == len(linears):
+            raise _Stop
+
+    hooks = [m.register_forward_pre_hook(partial(hook, n=n)) for n, m in linears.items()]
+    try:
+        _run(layer, hidden, template)
+    except _Stop:
+        pass
+    finally:
+        for hook_ in hooks:
+            hook_.remove()
+    if twice or len(inputs) < len(linears):
+        return None
+    groups: dict[int, list[str]] = {}
+    for n, x in inputs.items():
+        groups.setdefault(id(x), []).append(n)
+    outputs = sum(x.numel() // x.shape[-1] * as_linear(linears[n]).out_features * x.element_size()
+                  for n, x in inputs.items())
+    return list(groups.values()), tensor_bytes(inputs.values()) + outputs
+
+
+class _StandIn(nn.Module):
+    """Takes a linear's place in the module tree during a one-forward pass (see _compress_in_forward)."""
+
+    def __init__(self, call: Callable):
+        super().__init__()
+        self.call = call
+
+    def forward(self, *args, **kwargs):
+        return self.call(*args, **kwargs)
+
+
+def _no_run():
+    raise RuntimeError("ctx.run is not available in the one-forward mode (Observer.sequential)")
+
+
+def _compress_in_forward(ctx: LayerContext, method: Observer, groups: list[list[str]], template, hidden: list,
+                         stop_when_done: bool) -> tuple[list | None, list[dict], int]:
+    """The one-forward mode for one layer: all windows run through it batched (they share one input template),
+    with every linear standing in for itself: the first call to a linear of a group observes the group's input
+    and lets method.apply() compress the group; each call then runs whatever module sits at the linear's name
+    (the compressed one). -> (the layer's outputs per window, or None with stop_when_done (the forward stops
+    once every group is compressed), the records in ctx.linears' order, the largest method.nbytes() seen)."""
+    from .quant.linear import _set_module
+
+    linears, model = ctx.linears, ctx.model
+    group_of = {n: g for g in groups for n in g}
+    pending = {id(g) for g in groups}
+    records, peak, stand_ins = [], 0, {}
+
+    def compress(names, x):
+        nonlocal peak
+        if x is not None:
+            for n in names:
+                method.observe(n, linears[n], x)
+            peak = max(peak, method.nbytes())
+        records.extend(method.apply(replace(ctx, linears={n: linears[n] for n in names})))
+
+    def call(name, x, *args, **kwargs):
+        group = group_of[name]
+        if id(group) in pending:
+            pending.discard(id(group))
+            compress(group, x)
+            if stop_when_done and not pending:
+                raise _Stop
+        current = model.get_submodule(name)
+        return (linears[name] if current is stand_ins[name] else current)(x, *args, **kwargs)
+
+    for n in linears:
+        stand_ins[n] = _StandIn(partial(call, n))
+        _set_module(model, n, stand_ins[n])
+    out = None
+    try:
+        try:
+            out = _run(ctx.layer, torch.cat(hidden), template)
+        except _Stop:
+            pass
+    finally:
+        for n, s in stand_ins.items():
+            if model.get_submodule(n) is s:
+                _set_module(model, n, linears[n])
+    left = [n for g in groups if id(g) in pending for n in g]
+    if left:  # never called in the batched forward: compressed from no statistics (e.g. GPTQ falls back to RTN)
+        compress(left, None)
+    order = {n: k for k, n in enumerate(linears)}
+    records.sort(key=lambda r: order.get(r.get("name"), len(order)))
+    if out is None:
+        return None, records, peak
+    if out.shape[0] != len(hidden):
+        raise UnsupportedError(f"The batched forward of {ctx.name} returned {out.shape[0]} windows, not {len(hidden)}.")
+    return list(out.split(1)), records, peak
+
+
+def _one_forward_budget(device: torch.device, batch_bytes: int | None) -> int:
+    budget = ONE_FORWARD_BYTES if batch_bytes is None else batch_bytes
+    if device.type == "cuda":
+        budget = min(budget, torch.cuda.mem_get_info(device)[0] // 2)
+    return budget
+
+
 def run_calibrated(model: nn.Module, windows: torch.Tensor, method: Observer, device="cpu",
-                   progress: Callable | None = None) -> tuple[list[dict], dict]:
+                   progress: Callable | None = None, batch_bytes: int | None = None) -> tuple[list[dict], dict]:
     """Run the calibration pass for `method` on windows ([n, window_len] token ids).
 
     stats: seconds; peak_bytes: torch.cuda.max_memory_allocated on a CUDA device (it includes what was there
     before: device_start_bytes, e.g. the cuBLAS workspace or a model kept on the GPU), else tracked_peak_bytes;
     tracked_peak_bytes = max over layers of the layer's bytes + the cached hidden states and layer inputs +
     the method's statistics + one window's output (transient tensors inside one forward are not counted).
+
+    One-forward mode (see the module docstring) for a layer when method.sequential, all windows share one input
+    template, every linear of the layer is called exactly once per forward (probed on one window, once per
+    layer class and set of linears; _probe also groups the linears fed one tensor), and the batched forward's
+    activations fit batch_bytes (default ONE_FORWARD_BYTES; on CUDA also at most half the free memory; 0: never).
+    Those activations are estimated as windows x (bytes of one window's linear inputs and outputs + attention
+    scores, num_attention_heads x window_len^2) + the batched input and output hidden states, and counted in
+    tracked_peak_bytes in place of one window's output.
     """
     t0 = time.perf_counter()
     device = torch.device(device)
@@ -285,10 +419,13 @@ def run_calibrated(model: nn.Module, windows: torch.Tensor, method: Observer, de
         start = torch.cuda.memory_allocated(device)
     prefix, layers = find_decoder_layers(model)
     hidden, calls = _capture(model, prefix, layers, windows)
+    shared = [c is not None and all(t is c[0] for t in c) for c in calls]  # one input template for all windows
     hidden, calls = _to((hidden, calls), device, {})
     act_bytes = tensor_bytes(_tensors((hidden, calls)))
     records: list[dict] = []
-    tracked = 0
+    tracked, one_forward, plans = 0, 0, {}
+    budget = _one_forward_budget(device, batch_bytes) if method.sequential else 0
+    heads = getattr(getattr(model, "config", None), "num_attention_heads", 0) or 0
     for i, layer in enumerate(layers):
         if progress:
             progress(method.name, i, len(layers))
@@ -299,22 +436,46 @@ def run_calibrated(model: nn.Module, windows: torch.Tensor, method: Observer, de
         name = f"{prefix}.{i}"
         linears = calibration_targets(layer, name, method.skip)
 
-        def run(layer=layer, c=calls[i]):
+        def run(layer=layer, c=calls[i], hidden=hidden):
             with torch.no_grad():
                 return [_run(layer, h, t) for h, t in zip(hidden, c)]
 
         with torch.no_grad():
-            if linears:
-                _observe(layer, linears, method, hidden, calls[i])
-            stats_bytes = method.nbytes()
             layer_bytes = module_bytes(layer)
-            if linears:
-                records += method.apply(LayerContext(model, i, name, layer, linears, device, run))
-            if i < len(layers) - 1:  # the last layer's outputs feed nothing here
-                with _dequantized(layer, hidden[0].dtype):
-                    for w, t in enumerate(calls[i]):
-                        hidden[w] = _run(layer, hidden[w], t)
-        tracked = max(tracked, layer_bytes + act_bytes + stats_bytes + tensor_bytes([hidden[-1]]))
+            plan, batch = None, 0
+            if linears and budget > 0 and shared[i]:
+                # a layer of the same class with the same linears calls them the same way: probe the first
+                key = (type(layer), tuple(n[len(name):] for n in linears))
+                if key not in plans:
+                    found = _probe(layer, linears, hidden[0], calls[i][0])
+                    if found is not None:
+                        plans[key] = [[n[len(name):] for n in g] for g in found[0]], found[1]
+                plan = plans.get(key)
+                if plan is not None:
+                    h = hidden[0]
+                    tokens = h.numel() // h.shape[-1]
+                    batch = len(hidden) * (plan[1] + heads * tokens**2 * h.element_size()) + 2 * act_bytes
+                    plan = plan if batch <= budget else None
+            if plan is not None:
+                ctx = LayerContext(model, i, name, layer, linears, device, _no_run)
+                groups = [[name + n for n in g] for g in plan[0]]
+                out, recs, stats_bytes = _compress_in_forward(ctx, method, groups, calls[i][0], hidden,
+                                                              stop_when_done=i == len(layers) - 1)
+                records += recs
+                hidden = out if out is not None else hidden
+                one_forward += 1
+            else:
+                if linears:
+                    _observe(layer, linears, method, hidden, calls[i])
+                stats_bytes = method.nbytes()
+                if linears:
+                    records += method.apply(LayerContext(model, i, name, layer, linears, device, run))
+                if i < len(layers) - 1:  # the last layer's outputs feed nothing here
+                    with _dequantized(layer, hidden[0].dtype):
+                        for w, t in enumerate(calls[i]):
+                            hidden[w] = _run(layer, hidden[w], t)
+                batch = tensor_bytes([hidden[-1]])
+        tracked = max(tracked, layer_bytes + act_bytes + stats_bytes + batch)
         layer.to(home)
     if progress:
         progress(method.name, len(layers), len(layers))
@@ -326,6 +487,7 @@ def run_calibrated(model: nn.Module, windows: torch.Tensor, method: Observer, de
         "tracked_peak_bytes": tracked,
         "device": str(device),
         "layers": len(layers),
+        "one_forward_layers": one_forward,  # layers calibrated in the one-forward mode (the rest: two forwards)
         "windows": int(windows.shape[0]),
         "tokens": int(windows.numel()),
     }

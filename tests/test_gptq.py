@@ -281,22 +281,60 @@ def test_observer_hessian_is_2_over_n_xtx_and_shared():
     torch.testing.assert_close(H["q"], 2 / 32 * X.t() @ X, rtol=1e-5, atol=1e-4)
 
 
-def test_shared_hessian_factored_once_same_result():
-    from core.quant import gptq
+@pytest.mark.parametrize("act_order,sym,group", [(False, True, 32), (True, False, 40), (False, False, None)])
+def test_group_quantization_equals_each_alone(act_order, sym, group):
+    """gptq_quantize_group (q/k/v stacked in one column loop) gives each weight what gptq_quantize gives it alone,
+    keep_zeros applying to its own weight only."""
+    from core.quant.gptq import gptq_quantize_group
 
-    W, _, H = _layer(out=48, inp=96)
-    calls = []
-    real = gptq._factor
-    gptq._factor = lambda *a: calls.append(1) or real(*a)
-    try:
-        factors = {}
-        shared = [gptq_quantize(W[i::2], H, 4, 32, factors=factors)[0] for i in range(2)]
-        alone = [gptq_quantize(W[i::2], H, 4, 32)[0] for i in range(2)]
-    finally:
-        gptq._factor = real
-    assert len(calls) == 3  # once for both shared calls, once each without the cache
-    for a, b in zip(shared, alone):
-        assert torch.equal(a.packed, b.packed) and torch.equal(a.scales, b.scales)
+    W, _, H = _layer(out=64, inp=96)
+    parts = [W[:40], W[40:48] * (torch.rand(8, 96, generator=torch.Generator().manual_seed(5), dtype=torch.float64) > 0.5),
+             W[48:]]
+    keep = [False, True, False]
+    group_res = gptq_quantize_group(parts, H, 4, group, sym, act_order=act_order, keep_zeros=keep)
+    for w, k, (qw, info, w_hat) in zip(parts, keep, group_res):
+        alone, alone_info = gptq_quantize(w, H, 4, group, sym, act_order=act_order, keep_zeros=k)
+        assert torch.equal(qw.packed, alone.packed) and torch.equal(qw.scales, alone.scales)
+        assert (qw.zeros is None and alone.zeros is None) or torch.equal(qw.zeros, alone.zeros)
+        assert qw.shape == alone.shape and torch.equal(w_hat, qw.dequantize())
+        assert info["out_rel_error"] == pytest.approx(alone_info["out_rel_error"], rel=1e-5)
+        assert info["rtn_out_rel_error"] == pytest.approx(alone_info["rtn_out_rel_error"], rel=1e-5)
+
+
+@pytest.mark.parametrize("n", [7, 96, 300, 700])
+def test_inverse_cholesky_matches_cholesky_of_the_inverse(n):
+    """One Cholesky of the reversed matrix + a triangular inverse = the upper Cholesky factor of (H + dI)^-1
+    (the reference: invert, then factor), in float64 and float32, on random SPD matrices."""
+    from core.quant.gptq import _inverse_cholesky, _lower_triangular_inverse
+
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(2 * n, n, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, n, dtype=torch.float64)
+    H = X.T @ X / (2 * n)
+    U, used = _inverse_cholesky(H, 0.01)
+    ref = torch.linalg.cholesky(torch.linalg.inv(H + 0.01 * H.diagonal().mean() * torch.eye(n, dtype=H.dtype)),
+                                upper=True)
+    assert used == 0.01 and torch.equal(U, U.triu())
+    torch.testing.assert_close(U, ref, rtol=1e-9, atol=1e-9 * ref.abs().max().item())
+    U32, _ = _inverse_cholesky(H.float(), 0.01)
+    assert ((U32.double() - ref).norm() / ref.norm()).item() < 1e-4
+    L = torch.linalg.cholesky(H + torch.eye(n, dtype=H.dtype))
+    torch.testing.assert_close(_lower_triangular_inverse(L, base=16) @ L, torch.eye(n, dtype=H.dtype))
+
+
+def test_output_errors_match_direct_products():
+    """The GPTQ output error read off the column loop's errors equals ||X D^T|| / ||X W^T|| computed directly,
+    also with act_order, dead input channels, a pruned weight and raised damping."""
+    W, X, _ = _layer(out=48, inp=96, tokens=80)
+    X[:, 5] = 0  # a dead input channel
+    H = 2 / len(X) * X.T @ X
+    for kw in ({}, {"act_order": True}, {"keep_zeros": True}, {"damp": 3.0}):
+        w = W * (torch.arange(96, dtype=W.dtype) % 3 > 0) if kw.get("keep_zeros") else W
+        qw, info = gptq_quantize(w, H, 3, 32, True, **kw)
+        direct = torch.linalg.norm(X @ (w - qw.dequantize().double()).T) / torch.linalg.norm(X @ w.T)
+        assert info["out_rel_error"] == pytest.approx(direct.item(), rel=1e-4), kw
+        rtn = quantize_rtn(w, 3, 32, True)
+        direct_rtn = torch.linalg.norm(X @ (w - rtn.dequantize().double()).T) / torch.linalg.norm(X @ w.T)
+        assert info["rtn_out_rel_error"] == pytest.approx(direct_rtn.item(), rel=1e-4), kw
 
 
 def test_observe_pass_stops_after_the_last_linear():
@@ -318,3 +356,123 @@ def test_all_finite_matches_isfinite_all():
     for t in ([1.0, 2.0], [3e38, 3e38], [1.0, float("nan")], [1.0, float("inf")], [float("inf"), -float("inf")], []):
         x = torch.tensor(t)
         assert _all_finite(x) == bool(torch.isfinite(x).all())
+
+
+# ---- one-forward mode (true-sequential): one batched forward per layer ------------------------------------------
+
+class _SequentialRecorder(_Recorder):
+    """Records each linear's inputs in the one-forward mode (compresses nothing)."""
+    sequential = True
+
+
+def _expected_inputs(model, prefix, windows):
+    expected, hooks = {}, []
+    for name, m in model.named_modules():
+        if name.startswith(prefix + ".") and type(m).__name__ in ("Linear", "Conv1D"):
+            hooks.append(m.register_forward_pre_hook(lambda mod, inp, n=name: expected.setdefault(n, []).append(inp[0])))
+    with torch.no_grad():
+        for w in windows:
+            model(w[None])
+    for h in hooks:
+        h.remove()
+    return expected
+
+
+@pytest.mark.parametrize("arch", list(PREFIX))
+def test_one_forward_mode_feeds_inputs_like_the_model(arch):
+    """All windows batched through each layer in one forward: every linear gets, per window, the input of a
+    normal forward (per-layer masks / rotary embeddings broadcast over the batch), once, for all windows."""
+    model = _tiny(arch)
+    prefix, _ = find_decoder_layers(model)
+    windows = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(2))
+    expected = _expected_inputs(model, prefix, windows)
+    rec = _SequentialRecorder()
+    _, stats = run_calibrated(model, windows, rec, "cpu")
+    assert stats["one_forward_layers"] == 2
+    assert rec.seen.keys() == expected.keys()
+    for n, inputs in expected.items():
+        (batched,) = rec.seen[n]  # [windows, tokens, in] (OPT's MLP: [windows * tokens, in])
+        flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs])
+        torch.testing.assert_close(batched.reshape(-1, batched.shape[-1]), flat, atol=1e-5, rtol=1e-4)
+    assert all(type(m).__name__ != "_StandIn" for m in model.modules())
+
+
+def _gptq_step(**kw):
+    return SimpleNamespace(**{"bits": 4, "group_size": 16, "symmetric": True, "act_order": False, "damp": 0.01,
+                              "block_size": 128, "skip": ["lm_head"], **kw})
+
+
+def test_one_forward_gptq_is_true_sequential():
+    """The one-forward pass equals GPTQ applied group by group (q/k/v, o, gate/up, down), each group's Hessian
+    taken from a full forward of the model as quantized so far (o_proj sees the quantized q/k/v)."""
+    import copy
+
+    from core.quant.gptq import gptq_quantize_group
+    from core.quant.linear import replace_with_quantized
+
+    model = _tiny("llama", hidden=64)
+    ref = copy.deepcopy(model)
+    windows = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(3))
+    step = _gptq_step()
+    records = quantize_model_gptq(model, step, windows, "cpu")
+    assert records.stats["one_forward_layers"] == 2
+
+    groups = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+              ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    for i, layer in enumerate(ref.model.layers):
+        for g in groups:
+            xs = []
+            hook = layer.get_submodule(g[0]).register_forward_pre_hook(lambda m, inp, xs=xs: xs.append(inp[0].double()))
+            with torch.no_grad():
+                for w in windows:
+                    ref(w[None])
+            hook.remove()
+            X = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
+            linears = [layer.get_submodule(n) for n in g]
+            results = gptq_quantize_group([m.weight for m in linears], 2 / len(X) * X.T @ X, 4, 16, True)
+            for n, m, (qw, _, _) in zip(g, linears, results):
+                replace_with_quantized(ref, f"model.layers.{i}.{n}", m, qw)
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            r = ref.get_submodule(name)
+            assert (m.qweight.codes() == r.qweight.codes()).float().mean() > 0.995, name
+            torch.testing.assert_close(m.qweight.dequantize(), r.qweight.dequantize(), atol=0.02, rtol=0)
+    rec = {r["name"]: r for r in records}
+    assert list(rec) == [f"model.layers.{i}.{n}" for i in range(2) for g in groups for n in g]
+
+
+def test_one_forward_budget_and_fallback():
+    """Over the activation budget (or with a linear the forward does not call once per window) the pass keeps
+    the two-forward mode; in the one-forward mode the estimate of the batched activations counts in the peak."""
+    from core.calibrate import _probe
+    from core.quant.gptq import GPTQObserver
+
+    windows = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(4))
+    step = _gptq_step()
+    stats = {}
+    for budget in (None, 1):
+        model = _tiny("llama")
+        _, stats[budget] = run_calibrated(model, windows, GPTQObserver(step), "cpu", batch_bytes=budget)
+        assert all(isinstance(m, QuantLinear) for n, m in model.named_modules() if n.endswith("_proj"))
+    assert stats[None]["one_forward_layers"] == 2 and stats[1]["one_forward_layers"] == 0
+    # in both modes the packed codes come out row-contiguous (the CUDA kernels read rows as contiguous bytes)
+    for budget in (None, 1):
+        model = _tiny("llama")
+        run_calibrated(model, windows, GPTQObserver(step), "cpu", batch_bytes=budget)
+        assert all(m.packed.is_contiguous() for m in model.modules() if isinstance(m, QuantLinear))
+    assert stats[None]["tracked_peak_bytes"] > stats[1]["tracked_peak_bytes"]
+
+    class Twice(torch.nn.Module):  # a linear called twice per forward
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.b(self.a(self.a(x)))
+
+    block = Twice()
+    linears = {"a": block.a, "b": block.b}
+    assert _probe(block, linears, torch.randn(1, 4, 8), ((None,), {})) is None
+    block.forward = lambda x: block.b(x) + block.a(x)
+    groups, nbytes = _probe(block, linears, torch.randn(1, 4, 8), ((None,), {}))
+    assert groups == [["b", "a"]] and nbytes == 4 * 8 * 4 * 3

@@ -264,6 +264,9 @@ def test_dispatch_choices(monkeypatch):
     assert kernel_for(_fake_x(1, kdim=202), _fake_q(gs=64, kdim=202)) == "gemm"  # 101 bytes: not whole words
     assert kernel_for(_fake_x(1), _fake_q(offset=2)) == "gemm"  # a view that does not start on a word
     assert kernel_for(_fake_x(1), _fake_q(bits=8)) == "gemm"
+    transposed = _fake_q()
+    transposed.packed.stride = lambda d=None: (1, 8)[d]  # a column-major buffer: no kernel reads it
+    assert kernel_for(_fake_x(1), transposed) == "reference"
     monkeypatch.setattr(dispatch, "GEMV_MAX_M", 4)  # the shipped value (0) turns gemv off: test the rule itself
     assert kernel_for(_fake_x(2), _fake_q()) == "gemv"
     assert kernel_for(_fake_x(4), _fake_q()) == "gemv"

@@ -52,6 +52,22 @@ def test_pack_roundtrip(bits, numel):
     assert torch.equal(unpack_bits(pack_bits(codes[1], bits), bits, numel), codes[1])  # 1-D too
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_pack_small_codes_same_bytes_as_wide_words(bits):
+    """The uint8 fast path of 1/2/4-bit packing gives the bytes of the general path (int64 words)."""
+    codes = torch.randint(0, 2**bits, (5, 77), generator=torch.Generator().manual_seed(bits)).to(torch.uint8)
+    k = 8 // bits
+    c = torch.nn.functional.pad(codes.long(), (0, -77 % k)).reshape(5, -1, k)
+    expected = (c << (torch.arange(k) * bits)).sum(-1).to(torch.uint8)
+    assert torch.equal(pack_bits(codes, bits), expected)
+    # codes handed over as a transposed view (GPTQ builds them column by column): same bytes, rows contiguous,
+    # the input untouched (the CUDA kernels read each packed row as contiguous bytes)
+    codes_t = codes.t().contiguous().t()
+    before = codes_t.clone()
+    packed = pack_bits(codes_t, bits)
+    assert torch.equal(packed, expected) and packed.is_contiguous() and torch.equal(codes_t, before)
+
+
 def test_pack_layout_is_dense():
     assert torch.equal(pack_bits(torch.tensor([1, 2, 3, 4], dtype=torch.uint8), 4), torch.tensor([0x21, 0x43]).byte())
     assert packed_size(8, 3) == 3 and packed_size(9, 3) == 6 and packed_size(4, 2) == 1 and packed_size(5, 8) == 5

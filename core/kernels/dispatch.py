@@ -71,8 +71,8 @@ def kernel_for(x: torch.Tensor, q) -> str:
     if torch.is_grad_enabled() and (x.requires_grad or (q.bias is not None and q.bias.requires_grad)):
         return "reference"  # the kernels have no backward
     if not (x.is_cuda and q.packed.is_cuda and x.dtype in _FLOAT16 and q.bits in KERNEL_BITS
-            and x.shape[-1] == q.in_features):
-        return "reference"
+            and x.shape[-1] == q.in_features and q.packed.stride(-1) == 1):
+        return "reference"  # (the kernels read each packed row as contiguous bytes)
     m = math.prod(x.shape[:-1])
     if m == 0 or not triton_available():
         return "reference"

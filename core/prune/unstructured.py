@@ -212,6 +212,7 @@ class SparseGPTObserver(GPTQObserver):
     """SparseGPT: GPTQ's Hessian accumulation (H = 2/n X^T X per linear), then sparsegpt_prune."""
 
     name = "sparsegpt"
+    sequential = False  # prunes the whole layer from the float layer's inputs
 
     def __init__(self, step, layer_ratios: dict[int, float] | None = None):
         super().__init__(step)

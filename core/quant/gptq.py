@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -36,7 +37,9 @@ from .packing import pack_bits
 from .rtn import (
     QuantizedWeight,
     compute_qparams,
+    dequantize,
     effective_group_size,
+    quantize_codes,
     quantize_rtn,
 )
 
@@ -50,16 +53,35 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
+def _lower_triangular_inverse(L: torch.Tensor, base: int = 128) -> torch.Tensor:
+    """L^-1 for lower-triangular L, by halves: [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]], the
+    off-diagonal block from two triangular solves. ~n^3/3 flops like LAPACK's trtri (which torch does not
+    expose), vs n^3 for solving against the identity."""
+    n = L.shape[0]
+    if n <= base:
+        return torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False)
+    h = n // 2
+    out = torch.zeros_like(L)
+    out[:h, :h] = _lower_triangular_inverse(L[:h, :h], base)
+    out[h:, h:] = _lower_triangular_inverse(L[h:, h:], base)
+    b_ainv = torch.linalg.solve_triangular(L[:h, :h], L[h:, :h], upper=False, left=False)
+    out[h:, :h] = torch.linalg.solve_triangular(L[h:, h:], b_ainv, upper=False).neg_()
+    return out
+
+
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, float]:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp 10x per failed try."""
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 (U^T U = that inverse), raising damp 10x per
+    failed try. One Cholesky factorisation and one triangular inverse: with J the reversal permutation and
+    J (H + d I) J = L L^T, U = J L^-1 J (upper triangular with a positive diagonal: the Cholesky factor)."""
     mean = H.diagonal().mean()
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for k in range(DAMP_TRIES):
         d = damp * 10**k
-        L, bad = torch.linalg.cholesky_ex(H + (d * mean) * eye)
+        reversed_h = H.flip(0, 1)
+        reversed_h.diagonal().add_(d * mean)
+        L, bad = torch.linalg.cholesky_ex(reversed_h)
         if bad.item() == 0:
-            U, bad = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if bad.item() == 0 and _all_finite(U):
+            U = _lower_triangular_inverse(L).flip(0, 1)
+            if _all_finite(U):
                 return U, d
     return None, d
 
@@ -73,27 +95,34 @@ def _output_error(weight: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor, de
     return math.sqrt(max(num, 0.0) / den) if den > 0 else float("nan")
 
 
-def error_feedback(W: torch.Tensor, Hinv: torch.Tensor, round_column, block_size: int = 128) -> None:
+def error_feedback(W: torch.Tensor, Hinv: torch.Tensor, round_column, block_size: int = 128) -> torch.Tensor:
     """GPTQ's column loop, for any rounding: columns of W [out, n] (float32) are rounded in order by
-    round_column(col, w [out], upcoming) -> the rounded column [out], and each column's error is spread onto the
-    columns not yet rounded through Hinv (upper Cholesky factor of H^-1), lazily per block. upcoming(k) gives
-    the next k columns' current (error-updated) values [out, k], from col on. Works on a transposed copy, so
-    each column and each rank-1 update is contiguous in memory (W itself is left unchanged)."""
+    round_column(col, w [out], upcoming, out), which writes w - (w rounded) into out [out], and each column's
+    error is spread onto the columns not yet rounded through Hinv (upper Cholesky factor of H^-1), lazily per
+    block. upcoming(k) gives the next k columns' current (error-updated) values [out, k], from col on. Works on
+    a transposed copy, so each column and each rank-1 update is contiguous in memory (W itself is unchanged).
+
+    Returns ||E||^2 per row [out], E the scaled errors (w - rounded) / Hinv[i, i]: as W - rounded = E Hinv and
+    Hinv H Hinv^T = I, that is the row's output error on H, tr(D H D^T) with D = W - rounded (H damped)."""
     n = W.shape[1]
     WT = W.t().contiguous()
+    err_sq = W.new_zeros(W.shape[0])
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         W1, Hinv1 = WT[i1:i2].clone(), Hinv[i1:i2, i1:i2]
         Err1 = torch.empty_like(W1)
-        diag = Hinv1.diagonal().tolist()
+        diag = Hinv1.diagonal()[:, None]
+        spread = Hinv1 / diag  # row i / Hinv[i, i]: the unscaled error w - rounded spreads as E[i] * Hinv[i]
         for i in range(i2 - i1):
-            w = W1[i]
+            w, err = W1[i], Err1[i]
             upcoming = lambda k, i=i, W1=W1, i2=i2: (
                 W1[i:i + k] if i + k <= len(W1) else torch.cat([W1[i:], WT[i2:i2 + k - (len(W1) - i)]])).t()
-            err = Err1[i]
-            torch.sub(w, round_column(i1 + i, w, upcoming), out=err).div_(diag[i])
-            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
+            round_column(i1 + i, w, upcoming, err)
+            W1[i:].addr_(spread[i, i:], err, alpha=-1)
+        Err1.div_(diag)
         WT[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
+        err_sq += Err1.square().sum(0)
+    return err_sq
 
 
 def group_of_t(cols: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -101,51 +130,38 @@ def group_of_t(cols: torch.Tensor, group_size: int) -> torch.Tensor:
     return cols.div(group_size, rounding_mode="floor")
 
 
-def _factor(H0: torch.Tensor, damp: float, act_order: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
-    """-> (Hinv, perm, info): the upper Cholesky factor of the damped H^-1 with columns in processing order (by
-    decreasing diag H when act_order), the permutation or None, and info's damp / warning. Depends on H alone, so
-    linears sharing one H (q/k/v, gate/up) can share it. Hinv is None when H carries no signal or stays
-    indefinite (info["warning"] says so: use RTN)."""
+@dataclass
+class _Factor:
+    """What GPTQ needs of a Hessian H0; depends on H0 alone, so linears sharing one H0 (q/k/v) share it."""
+    Hinv: torch.Tensor | None  # upper Cholesky factor of the damped H^-1, columns in processing order (None: RTN)
+    perm: torch.Tensor | None  # processing order (by decreasing diag H with act_order), None: the natural one
+    shift: torch.Tensor | None  # per column (original order), what was added to diag H0: damping (+1 if dead)
+    info: dict  # damp, warning
+
+
+def _factor(H0: torch.Tensor, damp: float, act_order: bool) -> _Factor:
+    """Hinv is None when H carries no signal or stays indefinite (info["warning"] says so: use RTN)."""
     info = {"damp": None, "warning": None}
     if not _all_finite(H0) or not (H0.diagonal() > 0).any():
         info["warning"] = "no calibration signal reached this layer (Hessian all zero or not finite): fell back to RTN"
-        return None, None, info
+        return _Factor(None, None, None, info)
     H = H0.clone()
     dead = H.diagonal() == 0
     # The reference zeroes dead columns; keeping them (rounded like RTN, spreading no error: their row of H
     # is decoupled) is as good on the calibration data and stays right for inputs it never saw.
     H[dead, dead] = 1
+    mean = H.diagonal().mean()
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else None
     if perm is not None:
         H = H[perm][:, perm]
     Hinv, used = _inverse_cholesky(H, damp)
     if Hinv is None:
         info["warning"] = f"Hessian not positive definite even with damp={used:g}: fell back to RTN"
-        return None, None, info
+        return _Factor(None, None, None, info)
     info["damp"] = used
     if used != damp:
         info["warning"] = f"Hessian not positive definite with damp={damp:g}: raised damping to {used:g}"
-    return Hinv, perm, info
-
-
-def _prepare(W0: torch.Tensor, H0: torch.Tensor, damp: float, act_order: bool, info: dict,
-             factors: dict | None = None, hessian: torch.Tensor | None = None):
-    """-> (W, Hinv, perm): a float32 copy of W0 with columns in processing order, and _factor(H0)'s Hinv and
-    perm (W0, None, None when it falls back to RTN). factors: a dict reused across calls, so that linears given
-    the very same `hessian` object (H0 is its float32 copy or itself) factor it once; the dict keeps that object
-    alive, so its id stays unique while the dict lives."""
-    if factors is None or hessian is None:
-        Hinv, perm, finfo = _factor(H0, damp, act_order)
-    else:
-        key = (id(hessian), damp, act_order)
-        if key not in factors:
-            factors[key] = (hessian, _factor(H0, damp, act_order))
-        Hinv, perm, finfo = factors[key][1]
-    info.update(finfo)
-    if Hinv is None:
-        return W0, None, None
-    W = W0[:, perm] if perm is not None else W0.clone()
-    return W, Hinv, perm
+    return _Factor(Hinv, perm, dead.float() + used * mean, info)
 
 
 @contextmanager
@@ -174,14 +190,17 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, round_values, damp: 
     info = dict(_NO_INFO)
     rtn = round_values(W0)
     with _one_thread(W0.device):
-        W, Hinv, perm = _prepare(W0, H0, damp, act_order, info)
-        if Hinv is None:
+        f = _factor(H0, damp, act_order)
+        info.update(f.info)
+        if f.Hinv is None:
             return rtn, info
+        Hinv, perm = f.Hinv, f.perm
+        W = W0[:, perm] if perm is not None else W0
         outT = torch.empty(W.shape[1], W.shape[0], device=W.device)
 
-        def round_column(col, w, upcoming):
+        def round_column(col, w, upcoming, out):
             outT[col] = round_values(w[:, None])[:, 0]
-            return outT[col]
+            torch.sub(w, outT[col], out=out)
 
         error_feedback(W, Hinv, round_column, block_size)
     out = outT.t()
@@ -195,8 +214,7 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, round_values, damp: 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None = None,
                   symmetric: bool = True, damp: float = 0.01, block_size: int = 128, act_order: bool = False,
-                  static_groups: bool = False, keep_zeros: bool = False,
-                  factors: dict | None = None) -> tuple[QuantizedWeight, dict]:
+                  static_groups: bool = False, keep_zeros: bool = False) -> tuple[QuantizedWeight, dict]:
     """Quantize weight [out, in] given the Hessian [in, in] of its inputs.
 
     info: damp (the relative damping finally used, None on RTN fallback), warning (str or None),
@@ -205,40 +223,54 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     act_order is on (or static_groups, or per-channel), otherwise when each group's first column is reached.
     keep_zeros: weights that are exactly zero (pruned) are quantized to exactly zero and their error is spread
     like any other column's, so a pruned model stays pruned (prune -> quantize chains).
-    factors: a dict the caller keeps across linears that share one Hessian object (q/k/v): its damped inverse
-    Cholesky factor is computed once (the result is the same as without it).
     """
-    if weight.dim() != 2:
-        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    (qw, info, _), = gptq_quantize_group([weight], hessian, bits, group_size, symmetric, damp, block_size,
+                                         act_order, static_groups, [keep_zeros])
+    return qw, info
+
+
+def gptq_quantize_group(weights: list[torch.Tensor], hessian: torch.Tensor, bits: int, group_size: int | None = None,
+                        symmetric: bool = True, damp: float = 0.01, block_size: int = 128, act_order: bool = False,
+                        static_groups: bool = False, keep_zeros: list[bool] | None = None
+                        ) -> list[tuple[QuantizedWeight, dict, torch.Tensor]]:
+    """gptq_quantize for weights [out_k, in] that share one Hessian (q/k/v, gate/up): H is factored once and one
+    column loop runs over their rows stacked. Each row's result depends only on that row and H, so it is the
+    same as quantizing each weight alone, in fewer, larger steps. keep_zeros: per weight.
+    -> per weight (quantized weight, info, its dequantized float32 weight)."""
+    for w in weights:
+        if w.dim() != 2 or w.shape[1] != weights[0].shape[1]:
+            raise ValueError(f"expected 2-D weights with {weights[0].shape[-1]} columns, got shape {tuple(w.shape)}")
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be between 2 and 8, got {bits}")
-    with _one_thread(weight.device):
-        return _gptq(weight, hessian, bits, group_size, symmetric, damp, block_size, act_order, static_groups,
-                     keep_zeros, factors)
+    with _one_thread(weights[0].device):
+        return _gptq(weights, hessian, bits, group_size, symmetric, damp, block_size, act_order, static_groups,
+                     keep_zeros or [False] * len(weights))
 
 
-def _gptq(weight, hessian, bits, group_size, symmetric, damp, block_size, act_order, static_groups, keep_zeros,
-          factors=None):
-    W0 = weight.detach().float()
-    out_f, n = W0.shape
+def _gptq(weights, hessian, bits, group_size, symmetric, damp, block_size, act_order, static_groups, keep_zeros):
+    W0 = torch.cat([w.detach().float() for w in weights])
+    rows, n = W0.shape
+    sizes = [w.shape[0] for w in weights]
     H0 = hessian.detach().to(device=W0.device, dtype=torch.float32)
     gs = effective_group_size(n, group_size)
-    rtn = quantize_rtn(W0, bits, gs, symmetric)
-    info = dict(_NO_INFO)
-
-    W, Hinv, perm = _prepare(W0, H0, damp, act_order, info, factors, hessian)
-    if Hinv is None:
-        return rtn, info
+    rtn_scales, rtn_zeros = compute_qparams(W0, bits, gs, symmetric)
+    rtn_codes = quantize_codes(W0, rtn_scales, rtn_zeros, bits, gs)
+    f = _factor(H0, damp, act_order)
+    if f.Hinv is None:
+        return _split(rtn_codes, rtn_scales, rtn_zeros, sizes, bits, gs, symmetric, [{**_NO_INFO, **f.info}] * len(sizes))
+    Hinv, perm = f.Hinv, f.perm
+    W = W0[:, perm] if perm is not None else W0
     static = act_order or static_groups or gs == n
     n_groups = -(-n // gs)
     if static:
-        scales, zeros = compute_qparams(W0, bits, gs, symmetric)
+        scales, zeros = rtn_scales, rtn_zeros
     else:
-        scales = torch.empty(out_f, n_groups, dtype=torch.float16, device=W.device)
-        zeros = None if symmetric else torch.empty(out_f, n_groups, dtype=torch.uint8, device=W.device)
+        scales = torch.empty(rows, n_groups, dtype=torch.float16, device=W.device)
+        zeros = None if symmetric else torch.empty(rows, n_groups, dtype=torch.uint8, device=W.device)
 
-    # per-column grid in processing order, float32 (codes stay float in the loop: exact small integers)
-    codes = torch.empty(n, out_f, device=W.device)
+    # per-column grid in processing order, float32. The loop keeps codes centred on the zero point (code - zero:
+    # exact small integers, the same rounding and clamping), so a column's rounding error is one addcmul.
+    codes = torch.empty(n, rows, device=W.device)
     maxq, mid = 2**bits - 1, float(2 ** (bits - 1))
     col_scale = col_zero = None
     if static:
@@ -246,11 +278,15 @@ def _gptq(weight, hessian, bits, group_size, symmetric, damp, block_size, act_or
         col_scale = scales.float().t()[group_of_t(order, gs)].contiguous()
         col_zero = None if zeros is None else zeros.float().t()[group_of_t(order, gs)].contiguous()
     cur = {}
-    pruned = (W == 0).t().contiguous() if keep_zeros else None  # in processing order, like W
+    pruned = None  # in processing order, like W
+    if any(keep_zeros):
+        keep = torch.cat([torch.full((k,), bool(z), device=W.device) for k, z in zip(sizes, keep_zeros)])
+        pruned = ((W == 0) & keep[:, None]).t().contiguous()
 
-    def round_column(col, w, upcoming):
+    def round_column(col, w, upcoming, out):
         if static:
-            s, z = col_scale[col], mid if col_zero is None else col_zero[col]
+            s = col_scale[col]
+            lo, hi = (-mid, maxq - mid) if col_zero is None else (-col_zero[col], maxq - col_zero[col])
         else:
             if col % gs == 0:  # from the current (error-updated) values, also when a group starts mid-block
                 block = upcoming(gs)
@@ -259,28 +295,66 @@ def _gptq(weight, hessian, bits, group_size, symmetric, damp, block_size, act_or
                 scales[:, g:g + 1] = sg
                 if zeros is not None:
                     zeros[:, g:g + 1] = zg
-                cur["s"], cur["z"] = sg.float()[:, 0], mid if zg is None else zg.float()[:, 0]
-            s, z = cur["s"], cur["z"]
-        q = torch.round(w / s).add_(z).clamp_(0, maxq)
+                z = mid if zg is None else zg.float()[:, 0]
+                cur.update(s=sg.float()[:, 0], lo=-z, hi=maxq - z)
+            s, lo, hi = cur["s"], cur["lo"], cur["hi"]
+        q = codes[col]
+        torch.div(w, s, out=q).round_().clamp_(lo, hi)
         if pruned is not None:  # the code of 0.0: the zero point (0 is always on the grid)
-            q = torch.where(pruned[col], z, q)
-        codes[col] = q
-        return (q - z).mul_(s)
+            q.masked_fill_(pruned[col], 0)
+        torch.addcmul(w, q, s, value=-1, out=out)
 
-    error_feedback(W, Hinv, round_column, block_size)
-    codes = codes.t().to(torch.uint8)
-
+    err_sq = error_feedback(W, Hinv, round_column, block_size)
+    codes = codes.t()
+    if zeros is None:
+        codes = codes + mid
+    elif static:
+        codes = codes + col_zero.t()
+    else:
+        codes = codes + zeros.float().repeat_interleave(gs, dim=1)[:, :n]  # natural column order here
+    codes = codes.to(torch.uint8)
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
-    qw = QuantizedWeight(pack_bits(codes, bits), (out_f, n), bits, gs, symmetric, scales, zeros)
-    den = ((W0 @ H0) * W0).sum().item()
-    info["out_rel_error"] = _output_error(W0, qw.dequantize(), H0, den)
-    info["rtn_out_rel_error"] = _output_error(W0, rtn.dequantize(), H0, den)
-    return qw, info
+
+    # Relative output errors on the calibration inputs, ||X (W - W_hat)^T|| / ||X W^T||, per weight. GPTQ's
+    # numerator from the loop's errors (error_feedback: tr(D (H0 + diag shift) D^T) per row, less the shift's
+    # part), so only the denominator and RTN's need a product with H0 (one, stacked).
+    w_hat = dequantize(codes, scales, zeros, bits, gs)
+    d = W0 - w_hat
+    num = err_sq - d.square() @ f.shift
+    r = W0 - dequantize(rtn_codes, rtn_scales, rtn_zeros, bits, gs)
+    both = torch.cat([W0, r])
+    den, rtn_num = ((both @ H0) * both).sum(1).split(rows)
+    infos = []
+    for a, b, c in zip(num.split(sizes), den.split(sizes), rtn_num.split(sizes)):
+        den_k = b.sum().item()
+        infos.append({**_NO_INFO, **f.info, "out_rel_error": _rel_sqrt(a.sum().item(), den_k),
+                      "rtn_out_rel_error": _rel_sqrt(c.sum().item(), den_k)})
+    return _split(codes, scales, zeros, sizes, bits, gs, symmetric, infos, w_hat)
+
+
+def _rel_sqrt(num: float, den: float) -> float:
+    return math.sqrt(max(num, 0.0) / den) if den > 0 else float("nan")
+
+
+def _split(codes, scales, zeros, sizes, bits, gs, symmetric, infos, w_hat=None):
+    """Stacked codes [rows, n] / scales / zeros -> per weight (QuantizedWeight, info, dequantized weight)."""
+    n = codes.shape[1]
+    if w_hat is None:
+        w_hat = dequantize(codes, scales, zeros, bits, gs)
+    packed = pack_bits(codes, bits)
+    out, start = [], 0
+    for k, info in zip(sizes, infos):
+        rows = slice(start, start + k)
+        qw = QuantizedWeight(packed[rows].clone(), (k, n), bits, gs, symmetric, scales[rows].clone(),
+                             None if zeros is None else zeros[rows].clone())
+        out.append((qw, dict(info), w_hat[rows]))
+        start += k
+    return out
 
 
 def _gram_edges(d: int) -> list[int]:
-    nb = max(1, min(8, d // 128))
+    nb = max(1, min(8, d // 96))
     return [round(d * k / nb) for k in range(nb + 1)]
 
 
@@ -307,10 +381,12 @@ class GPTQObserver(Observer):
 
     Linears fed the same input tensor (q/k/v, gate/up) share one accumulator: X^T X is computed and added once
     per batch for them (its upper block triangle only), and they get the same H object (gptq_quantize never
-    modifies its Hessian) and factorisation. Sums are mirrored and normalised once, when apply() first reads
-    self.H."""
+    modifies its Hessian), quantized together by gptq_quantize_group. Sums are mirrored and normalised once,
+    when apply() first reads self.H. Supports the one-forward mode (sequential: each group is quantized as soon
+    as its input has been seen, so later linears of the layer see the quantized earlier ones)."""
 
     name = "gptq"
+    sequential = True
 
     def __init__(self, step):
         self.step = step
@@ -365,31 +441,37 @@ class GPTQObserver(Observer):
     def apply(self, ctx: LayerContext) -> list[dict]:
         s = self.step
         self._last = None
-        records, factors = [], {}  # linears sharing one H (q/k/v, gate/up) share its factorisation
-        for name, module in ctx.linears.items():
-            linear = as_linear(module)
-            H = self.H.pop(name, None)
-            self.count.pop(name, None)
+        groups: dict[int, list[str]] = {}  # linears sharing one H object (q/k/v, gate/up): one gptq_quantize_group
+        for name in ctx.linears:
+            H = self.H.get(name)
+            groups.setdefault(id(name) if H is None else id(H), []).append(name)
+        records = {}
+        for names in groups.values():
+            linears = [as_linear(ctx.linears[n]) for n in names]
+            H = self.H.pop(names[0], None)
+            for n in names:
+                self.H.pop(n, None)
+                self.count.pop(n, None)
             with torch.no_grad():
                 if H is None:
+                    (linear,) = linears
                     qw = quantize_rtn(linear.weight, s.bits, s.group_size, s.symmetric)
-                    info = {**_NO_INFO, "warning": "no calibration tokens reached this layer: fell back to RTN"}
+                    results = [(qw, {**_NO_INFO, "warning": "no calibration tokens reached this layer: fell back to RTN"},
+                                None)]
                 else:
                     # a layer a pruning step emptied (>= 25 % exact zeros) keeps its zeros
-                    keep = float((linear.weight == 0).float().mean()) >= PRUNED_FRACTION
-                    qw, info = gptq_quantize(linear.weight, H, s.bits, s.group_size, s.symmetric,
-                                             damp=getattr(s, "damp", 0.01), block_size=getattr(s, "block_size", 128),
-                                             act_order=getattr(s, "act_order", False),
-                                             static_groups=getattr(s, "static_groups", False), keep_zeros=keep,
-                                             factors=factors)
+                    keep = [m.weight.numel() - int(torch.count_nonzero(m.weight)) >= PRUNED_FRACTION * m.weight.numel()
+                            for m in linears]
+                    results = gptq_quantize_group([m.weight for m in linears], H, s.bits, s.group_size, s.symmetric,
+                                                  damp=getattr(s, "damp", 0.01),
+                                                  block_size=getattr(s, "block_size", 128),
+                                                  act_order=getattr(s, "act_order", False),
+                                                  static_groups=getattr(s, "static_groups", False), keep_zeros=keep)
             del H
-            left = {id(h) for h in self.H.values()}  # free a shared H's factor once its last linear is done
-            for key in [k for k, (h, _) in factors.items() if id(h) not in left]:
-                del factors[key]
-            rec = replace_with_quantized(ctx.model, name, linear, qw)
-            rec.update(method="gptq", **info)
-            records.append(rec)
-        return records
+            for name, linear, (qw, info, w_hat) in zip(names, linears, results):
+                records[name] = replace_with_quantized(ctx.model, name, linear, qw, w_hat)
+                records[name].update(method="gptq", **info)
+        return [records[n] for n in ctx.linears]
 
 
 def quantize_model_gptq(model: nn.Module, step, windows: torch.Tensor, device="cpu",

@@ -122,12 +122,15 @@ def replace_linear(model: nn.Module, name: str, linear: nn.Linear, new: nn.Modul
     return record
 
 
-def replace_with_quantized(model: nn.Module, name: str, linear: nn.Linear, qweight: QuantizedWeight) -> dict:
-    """Swap `name` for a QuantLinear and return its record. Methods other than RTN reuse this."""
+def replace_with_quantized(model: nn.Module, name: str, linear: nn.Linear, qweight: QuantizedWeight,
+                           w_hat: torch.Tensor | None = None) -> dict:
+    """Swap `name` for a QuantLinear and return its record. Methods other than RTN reuse this. w_hat: the
+    dequantized weight when the caller has it already (qweight.dequantize() otherwise)."""
     q = QuantLinear.from_linear(linear, qweight)
+    if w_hat is None:
+        w_hat = qweight.dequantize(torch.float32)
     # qweight.nbytes: codes + scales + zeros
-    return replace_linear(model, name, linear, q, qweight.dequantize(torch.float32), qweight.bits,
-                          qweight.group_size, qweight.nbytes)
+    return replace_linear(model, name, linear, q, w_hat, qweight.bits, qweight.group_size, qweight.nbytes)
 
 
 def shared_weight_names(model: nn.Module, names: list[str]) -> set[str]:

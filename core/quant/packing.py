@@ -34,6 +34,15 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return codes.to(torch.uint8).contiguous()
     *lead, n = codes.shape
     pad = -n % k
+    if nb == 1:  # 1, 2, 4 bits: OR the codes of a byte together in uint8 (the same bytes as the general path)
+        c = codes.to(torch.uint8)
+        if pad:
+            c = torch.nn.functional.pad(c, (0, pad))
+        c = c.reshape(*lead, -1, k)
+        out = c[..., 0].clone(memory_format=torch.contiguous_format)  # rows contiguous whatever the codes' strides
+        for i in range(1, k):
+            out |= c[..., i] << (i * bits)
+        return out
     c = codes.to(torch.int64)
     if pad:
         c = torch.nn.functional.pad(c, (0, pad))

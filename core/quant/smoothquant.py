@@ -45,6 +45,7 @@ SAMPLE_ROWS = 512  # input rows kept per linear (spread over the windows) for th
 
 class W8A8Observer(GPTQObserver):
     name = "w8a8"
+    sequential = False  # smooths and rounds the whole layer from the float layer's inputs
 
     def __init__(self, step, groups: list[tuple[str, list[str]]], windows: int):
         super().__init__(step)
