@@ -4,6 +4,7 @@
   python -m core run [options]                 run one experiment in this process (progress bar)
   python -m core resume ID                     continue a stopped distillation run from its checkpoint
   python -m core list | show ID | delete ID    inspect the store
+  python -m core cost [options]                the Cost model page: roofline estimates of serving a setting
   python -m core worker ID                     (used by the app) execute a queued run
 """
 from __future__ import annotations
@@ -87,6 +88,19 @@ def main(argv=None) -> int:
     s.add_argument("--json", action="store_true")
     d = sub.add_parser("delete", help="delete a run and its artifacts")
     d.add_argument("run_id")
+    c = sub.add_parser("cost", help="roofline estimate of latency, memory and cost per million tokens (the Cost model page)")
+    c.add_argument("--model", default="SmolLM2-135M", help="preset (see --list), built-in alias, checkpoint dir or config.json")
+    c.add_argument("--setting", action="append", default=None,
+                   help="preset setting name, repeatable (default: bf16, 'int4 g128 (W4A16)', 'FP8 W8A8')")
+    c.add_argument("--hardware", default=None, help="preset hardware profile (default: H100 SXM)")
+    c.add_argument("--batch", type=int, default=1)
+    c.add_argument("--prompt", type=int, default=128, help="prompt tokens")
+    c.add_argument("--tokens", type=int, default=128, help="generated tokens")
+    c.add_argument("--sweep", action="store_true", help="one row per batch size (powers of two) instead of --batch")
+    c.add_argument("--measured", action="store_true", help="also the stored runs measured on this kind of device, "
+                   "each beside its estimate")
+    c.add_argument("--list", action="store_true", help="list the preset models, settings and hardware profiles")
+    c.add_argument("--json", action="store_true")
     w = sub.add_parser("worker", help=argparse.SUPPRESS)
     w.add_argument("run_id")
     w.add_argument("--store", dest="worker_store")
@@ -111,6 +125,8 @@ def main(argv=None) -> int:
             return 0
         if args.cmd == "run":
             return _run(args, store)
+        if args.cmd == "cost":
+            return _cost(args, store)
         if args.cmd == "resume":
             return _resume(args, store)
         if args.cmd == "list":
@@ -133,6 +149,73 @@ def main(argv=None) -> int:
     except SlimError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+COST_SETTINGS = ("bf16", "int4 g128 (W4A16)", "FP8 W8A8")  # the Cost model page's default selection
+
+
+def _cost(args, store) -> int:
+    from .measure import costmodel as cm
+
+    if args.list:
+        for what, names in (("models", cm.PRESET_MODELS), ("settings", cm.PRESET_SETTINGS),
+                            ("hardware", cm.PRESET_HARDWARE)):
+            print(f"{what}:\n" + "\n".join(f"  {n}" for n in names))
+        return 0
+
+    def preset(kind: str, table: dict, name: str):
+        if name not in table:
+            raise SlimError(f"Unknown {kind} {name!r}; the presets are: {', '.join(table)} (python -m core cost --list)")
+        return table[name]
+
+    hw = preset("hardware profile", cm.PRESET_HARDWARE, args.hardware or cm.DEFAULT_HARDWARE)
+    settings = [preset("setting", cm.PRESET_SETTINGS, n) for n in (args.setting or COST_SETTINGS)]
+    try:
+        shape = cm.shape_for_model(args.model)
+    except Exception as e:  # noqa: BLE001  (a missing path, a config transformers cannot read, no network)
+        raise SlimError(f"Cannot read the shape of model {args.model!r}: {type(e).__name__}: {e}") from e
+    rows, notes = [], []
+    try:
+        for s in settings:
+            if args.sweep:
+                rows += cm.sweep_batches(shape, s, hw, args.prompt, args.tokens)
+            else:
+                e = cm.estimate(shape, s, hw, args.batch, args.prompt, args.tokens)
+                rows.append(e.row())
+                notes += [n for n in e.notes if n not in notes]
+    except ValueError as e:
+        raise SlimError(str(e)) from e
+    measured = []
+    if args.measured:
+        def shape_or_none(spec):
+            try:
+                return cm.shape_for_model(spec)
+            except Exception:  # noqa: BLE001  (a run whose checkpoint is gone: left out, as on the page)
+                return None
+
+        measured = cm.compare_measured(cm.measured_points(store.list()), hw, shape_or_none)
+    if args.json:
+        print(json.dumps({"model": shape.name, "hardware": hw.name, "estimates": rows, "notes": notes,
+                          "measured": measured}, indent=2, default=str))
+        return 0
+    print(f"{shape.name} on {hw.name}" + (f" (calibrated: {hw.calibration})" if hw.calibration else "")
+          + f"; prompt {args.prompt}, generated {args.tokens}")
+    head = f"{'setting':32s} {'batch':>5s} {'decode ms':>10s} {'tok/s':>10s} {'prefill ms':>10s} {'memory':>10s} " \
+           f"{'fits':>4s} {'max batch':>9s} {'$/M tok':>8s}  bound"
+    print(head)
+    for r in rows:
+        print(f"{r['setting'][:32]:32s} {r['batch']:5d} {r['decode_ms']:10.3f} {r['tokens_per_s']:10.1f} "
+              f"{r['prefill_ms']:10.2f} {r['memory_bytes'] / 2**30:7.2f} GiB {'yes' if r['fits'] else 'no':>4s} "
+              f"{r['max_batch']:9d} {r['cost_per_million']:8.3f}  {r['decode_bound']}")
+    for n in notes:
+        print(f"note: {n}")
+    if args.measured:
+        if not measured:
+            print(f"no stored run was measured on a device matching {hw.name}")
+        for m in measured:
+            print(f"measured run {m['run_id']} {m['label'][:40]}: batch {m['batch']} decode {m['decode_ms']:.3f} ms "
+                  f"vs estimate {m['est_decode_ms']:.3f} ms (ratio {m['decode_ratio']:.2f})")
+    return 0
 
 
 def _run(args, store) -> int:

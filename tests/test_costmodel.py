@@ -356,3 +356,45 @@ def test_page_custom_setting_and_measured_points(store):
     assert at.selectbox(key="cm_hw").value.startswith("This machine")
     assert at.number_input(key=f"cm_hw_bw_efficiency_{at.selectbox(key='cm_hw').value}").value == 1.0
     assert list(at.dataframe[1].value["Batch"]) == [1, 4]
+
+
+# -- headless: python -m core cost --------------------------------------------------------------------
+def test_cli_cost_table_json_and_measured(store, capsys):
+    from core.__main__ import main
+
+    assert main(["cost", "--model", "Llama-3-8B", "--setting", "bf16", "--batch", "1", "--prompt", "1",
+                 "--tokens", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["hardware"] == "H100 SXM" and out["model"] == "Llama-3-8B"
+    assert out["estimates"][0]["decode_ms"] == pytest.approx(
+        cm.estimate(L8, BF16, H100, 1, 1, 1).decode_ms, rel=1e-12)  # the same function the page calls
+    # the calibrated profile, a table, and its note for an unmeasured format
+    assert main(["cost", "--model", "Llama-3-8B", "--hardware", "H100 SXM (slimlm kernels, measured)",
+                 "--setting", "int4 g128 (W4A16)", "--setting", "NF4 (bnb, block 64)"]) == 0
+    text = capsys.readouterr().out
+    assert "calibrated: slimlm's" in text and "int4 g128 (W4A16)" in text and "no measurement for NF4" in text
+    # batch sweep: one row per power of two for each setting
+    assert main(["cost", "--setting", "bf16", "--sweep", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["estimates"]
+    assert [r["batch"] for r in rows[:4]] == [1, 2, 4, 8] and len(rows) >= 11
+    # a run measured on this CPU shows up beside its estimate on a CPU profile
+    rid = _add(store, metrics=_metrics(decode_ms=21.0))
+    assert main(["--store", str(store.path), "cost", "--hardware", "CPU server (32 cores, 8x DDR5-4800)",
+                 "--measured"]) == 0
+    text = capsys.readouterr().out
+    assert f"measured run {rid}" in text and "decode 21.000 ms" in text
+
+
+def test_cli_cost_errors_are_clear(store, capsys):
+    from core.__main__ import main
+
+    assert main(["cost", "--hardware", "H900"]) == 2
+    assert "Unknown hardware profile 'H900'" in capsys.readouterr().err
+    assert main(["cost", "--setting", "int5"]) == 2
+    assert "Unknown setting 'int5'" in capsys.readouterr().err
+    assert main(["cost", "--model", "/nonexistent/checkpoint"]) == 2
+    assert "Cannot read the shape of model" in capsys.readouterr().err
+    assert main(["cost", "--batch", "0"]) == 2
+    assert "batch size must be an integer >= 1" in capsys.readouterr().err
+    assert main(["cost", "--list"]) == 0
+    assert "H100 SXM (slimlm kernels, measured)" in capsys.readouterr().out
