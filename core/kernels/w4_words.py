@@ -49,9 +49,9 @@ def _group_of_word(kw, gsize, GSHIFT: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
-                      N, K, KW, gsize, stride_wn, stride_sn, stride_ys, ROWS,
-                      HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                      BN: tl.constexpr, BKW: tl.constexpr, GSHIFT: tl.constexpr):
+                 N, K, KW, gsize, stride_wn, stride_sn, stride_ys, ROWS,
+                 HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                 BN: tl.constexpr, BKW: tl.constexpr, GSHIFT: tl.constexpr):
     """Program (axis 0: a block of ROWS rows, axis 1: a chunk of BKW words of K); see the module docstring."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
