@@ -26,7 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 
 def gemv_configs(full):
     out = []
-    for rows, bn, bkw, w in itertools.product((8, 16, 32, 64), (1, 2, 4, 8), (256, 512, 1024), (2, 4, 8)):
+    for rows, bn, bkw, w in itertools.product((8, 16, 32, 64, 128), (2, 4, 8), (128, 256, 512), (2, 4, 8)):
         per_thread = bn * bkw / (32 * w)
         if 4 <= per_thread <= 32 and rows >= bn:
             out.append({"ROWS": rows, "BN": bn, "BKW": bkw, "num_warps": w, "num_stages": 1})

@@ -139,6 +139,8 @@ WORDS_GEMV_CASES = [  # N, K, group, symmetric, dtype, config
     (33, 200, 64, True, torch.float16, {"ROWS": 12, "BN": 4, "BKW": 32}),
     (20, 200, None, False, torch.float16, {"ROWS": 4, "BN": 4, "BKW": 8}),
     (36, 576, 64, True, torch.float16, None),  # the default tile rule
+    (32, 512, 128, False, torch.float16, {"ROWS": 16, "BN": 4, "BKW": 64}),  # EVEN: no masks
+    (32, 1024, 64, True, torch.bfloat16, {"ROWS": 8, "BN": 2, "BKW": 32}),  # EVEN, K split in 4
 ]
 
 
@@ -161,9 +163,9 @@ def test_words_default_tiles_follow_the_sweep():
     from core.kernels import w4_words
 
     rule = w4_words.default_gemv_config
-    assert rule(14336, 4096) == {"ROWS": 64, "BN": 8, "BKW": 512, "num_warps": 4, "num_stages": 1}  # gate/up
-    assert rule(4096, 14336)["ROWS"] == 32 and rule(4096, 14336)["BKW"] == 256  # down: K split in 7
-    assert rule(4096, 4096)["ROWS"] == 16 and rule(1024, 4096)["ROWS"] == 8
+    assert rule(14336, 4096) == {"ROWS": 16, "BN": 4, "BKW": 512, "num_warps": 4, "num_stages": 1}  # gate/up
+    assert rule(4096, 14336) == {"ROWS": 16, "BN": 4, "BKW": 256, "num_warps": 2, "num_stages": 1}  # down: 7 chunks
+    assert rule(4096, 4096)["ROWS"] == 8 and rule(1024, 4096)["ROWS"] == 8
     assert rule(576, 576)["BKW"] == 128  # a short row is not padded to 512 words
 
 

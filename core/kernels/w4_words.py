@@ -48,38 +48,50 @@ def _group_of_word(kw, gsize, GSHIFT: tl.constexpr):
 
 
 @triton.jit
+def _load_x(x_ptr, k, K, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(x_ptr + k).to(tl.float32)
+    return tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
                  N, K, KW, gsize, stride_wn, stride_sn, stride_ys, ROWS,
                  HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                 BN: tl.constexpr, BKW: tl.constexpr, GSHIFT: tl.constexpr):
-    """Program (axis 0: a block of ROWS rows, axis 1: a chunk of BKW words of K); see the module docstring."""
+                 BN: tl.constexpr, BKW: tl.constexpr, GSHIFT: tl.constexpr, EVEN: tl.constexpr):
+    """Program (axis 0: a block of ROWS rows, axis 1: a chunk of BKW words of K); see the module docstring.
+    EVEN: N is a multiple of ROWS and every K chunk is full, so no load needs a mask."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     kw = pid_k * BKW + tl.arange(0, BKW)
     kmask = kw < KW
     k8 = kw * 8
-    x0 = tl.load(x_ptr + k8, mask=k8 < K, other=0.0).to(tl.float32)
-    x1 = tl.load(x_ptr + k8 + 1, mask=k8 + 1 < K, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + k8 + 2, mask=k8 + 2 < K, other=0.0).to(tl.float32)
-    x3 = tl.load(x_ptr + k8 + 3, mask=k8 + 3 < K, other=0.0).to(tl.float32)
-    x4 = tl.load(x_ptr + k8 + 4, mask=k8 + 4 < K, other=0.0).to(tl.float32)
-    x5 = tl.load(x_ptr + k8 + 5, mask=k8 + 5 < K, other=0.0).to(tl.float32)
-    x6 = tl.load(x_ptr + k8 + 6, mask=k8 + 6 < K, other=0.0).to(tl.float32)
-    x7 = tl.load(x_ptr + k8 + 7, mask=k8 + 7 < K, other=0.0).to(tl.float32)
+    x0 = _load_x(x_ptr, k8, K, EVEN)
+    x1 = _load_x(x_ptr, k8 + 1, K, EVEN)
+    x2 = _load_x(x_ptr, k8 + 2, K, EVEN)
+    x3 = _load_x(x_ptr, k8 + 3, K, EVEN)
+    x4 = _load_x(x_ptr, k8 + 4, K, EVEN)
+    x5 = _load_x(x_ptr, k8 + 5, K, EVEN)
+    x6 = _load_x(x_ptr, k8 + 6, K, EVEN)
+    x7 = _load_x(x_ptr, k8 + 7, K, EVEN)
     xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
     g = _group_of_word(kw, gsize, GSHIFT)
     r0 = pid_n * ROWS
     rb = tl.arange(0, BN)
     rn = r0 + rb
-    wmask = (rn < N)[:, None] & kmask[None, :]
-    wu = tl.load(w_ptr + rn[:, None] * stride_wn + kw[None, :], mask=wmask, other=0)
+    if EVEN:
+        wu = tl.load(w_ptr + rn[:, None] * stride_wn + kw[None, :])
+    else:
+        wu = tl.load(w_ptr + rn[:, None] * stride_wn + kw[None, :], mask=(rn < N)[:, None] & kmask[None, :], other=0)
     for r in range(r0, r0 + ROWS, BN):
         rn = r + rb
         nmask = rn < N
         wmask = nmask[:, None] & kmask[None, :]
         nxt = r + BN + rb  # prefetch the next rows' words (masked off past this program's rows)
-        wn = tl.load(w_ptr + nxt[:, None] * stride_wn + kw[None, :],
-                     mask=((nxt < N) & (nxt < r0 + ROWS))[:, None] & kmask[None, :], other=0)
+        nxt_mask = (nxt < r0 + ROWS)[:, None]
+        if not EVEN:
+            nxt_mask = nxt_mask & (nxt < N)[:, None] & kmask[None, :]
+        wn = tl.load(w_ptr + nxt[:, None] * stride_wn + kw[None, :], mask=nxt_mask, other=0)
         u = wu.to(tl.uint32, bitcast=True)
         part = _code_f32(u, 0) * x0[None, :]  # one FMA per code: accumulate in sequence
         part += _code_f32(u, 1) * x1[None, :]
@@ -89,7 +101,10 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
         part += _code_f32(u, 5) * x5[None, :]
         part += _code_f32(u, 6) * x6[None, :]
         part += _code_f32(u, 7) * x7[None, :]
-        s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=wmask, other=0.0).to(tl.float32)
+        if EVEN:
+            s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :]).to(tl.float32)
+        else:
+            s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=wmask, other=0.0).to(tl.float32)
         if HAS_Z:
             z = tl.load(z_ptr + rn[:, None] * stride_sn + g[None, :], mask=wmask, other=0).to(tl.float32)
         else:
@@ -147,15 +162,12 @@ def _check(bits, group_size, k, packed, bkw):
 
 def default_gemv_config(n: int, k: int) -> dict:
     """Tile rule from benchmarks/gpu_w4_words.py on an H100 (results/gpu_w4_words.json; each Llama-3-8B shape's best
-    config): K in one chunk when a row has at most 512 words, else chunks of 256 (split K); about 200 row blocks per K
-    chunk (8 to 64 rows per program), 32 rows when K is split."""
+    config or within 5 % of it): K in one chunk when a row has at most 512 words, else chunks of 256 (split K,
+    2 warps); 4 rows at a time, 16 rows per program for wide layers (N >= 8192) or a split K, else 8."""
     kw = -(-k // 8)
-    bkw = min(512, max(32, triton.next_power_of_2(kw))) if kw <= 512 else 256
-    if kw <= bkw:
-        rows = min(64, max(8, 1 << max(0, (n // 200).bit_length() - 1)))
-    else:
-        rows = 32
-    return {"ROWS": rows, "BN": 8 if rows >= 64 else 4, "BKW": bkw, "num_warps": 4 if rows >= 32 else 8,
+    split = kw > 512
+    bkw = 256 if split else min(512, max(32, triton.next_power_of_2(kw)))
+    return {"ROWS": 16 if split or n >= 8192 else 8, "BN": 4, "BKW": bkw, "num_warps": 2 if split else 4,
             "num_stages": 1}
 
 
@@ -178,8 +190,9 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: tor
         x, w, scales, scales if zeros is None else zeros, scales if bias is None else bias, y,
         n_out, k, kw, group_size, w.stride(0), scales.stride(0), y.stride(0) if split > 1 else 0, cfg["ROWS"],
         HAS_Z=zeros is not None, HAS_BIAS=bias is not None and split == 1, SPLIT_K=split,
-        BN=cfg["BN"], BKW=cfg["BKW"], GSHIFT=group_shift(group_size, k), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        BN=cfg["BN"], BKW=cfg["BKW"], GSHIFT=group_shift(group_size, k),
+        EVEN=n_out % cfg["ROWS"] == 0 and kw % cfg["BKW"] == 0 and k == 8 * kw,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split == 1:
         return y
     out = torch.empty(1, n_out, device=x.device, dtype=x.dtype)
