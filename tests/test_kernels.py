@@ -142,14 +142,22 @@ WORDS_GEMV_CASES = [  # N, K, group, symmetric, dtype, config
     (32, 512, 128, False, torch.float16, {"ROWS": 16, "BN": 4, "BKW": 64}),  # EVEN: no masks
     (32, 1024, 64, True, torch.bfloat16, {"ROWS": 8, "BN": 2, "BKW": 32}),  # EVEN, K split in 4
 ]
+# 8-bit: 4 codes per word; K=200 g=64 has 16 words per group and a short last group, g=36 9 words (division)
+WORDS8_GEMV_CASES = [
+    (24, 200, 64, False, torch.float16, {"ROWS": 8, "BN": 4, "BKW": 16}),
+    (20, 576, 36, True, torch.bfloat16, {"ROWS": 4, "BN": 2, "BKW": 32}),
+    (32, 512, None, False, torch.bfloat16, {"ROWS": 16, "BN": 4, "BKW": 32}),  # EVEN, K split in 4
+    (36, 576, 128, True, torch.float16, None),
+]
 
 
 @interp
-@pytest.mark.parametrize("n,kdim,gs,sym,dtype,cfg", WORDS_GEMV_CASES)
-def test_interp_words_gemv_matches_reference(n, kdim, gs, sym, dtype, cfg):
+@pytest.mark.parametrize("bits,n,kdim,gs,sym,dtype,cfg",
+                         [(4, *c) for c in WORDS_GEMV_CASES] + [(8, *c) for c in WORDS8_GEMV_CASES])
+def test_interp_words_gemv_matches_reference(bits, n, kdim, gs, sym, dtype, cfg):
     from core.kernels import w4_words
 
-    q = _layer(n, kdim, 4, gs, sym)
+    q = _layer(n, kdim, bits, gs, sym)
     x = _x(1, kdim, dtype)
     for bias in (q.bias, None):
         y = w4_words.gemv(x, *_args(q)[:5], n, bias, config=cfg)
@@ -180,6 +188,8 @@ def test_interp_words_refuse_what_they_cannot_read():
     q = _layer(8, 576, 4, 36, True)  # groups of 4.5 words
     with pytest.raises(ValueError, match="groups of whole words"):
         w4_words.gemv(_x(1, 576, torch.float16), *_args(q)[:5], 8)
+    with pytest.raises(ValueError, match="4/8-bit rows"):
+        w4_words.gemv(_x(1, 576, torch.float16), *_args(_layer(8, 576, 3, 64, True))[:5], 8)
     with pytest.raises(ValueError, match="one row"):
         w4_words.gemv(_x(2, 576, torch.float16), *_args(_layer(8, 576, 4, 64, True))[:5], 8)
     with pytest.raises(ValueError, match="multiple of BN"):
@@ -265,7 +275,9 @@ def test_dispatch_choices(monkeypatch):
     assert kernel_for(_fake_x(1, kdim=200), _fake_q(gs=64, kdim=200)) == "gemv_words"  # 100 bytes per row
     assert kernel_for(_fake_x(1, kdim=202), _fake_q(gs=64, kdim=202)) == "gemm"  # 101 bytes: not whole words
     assert kernel_for(_fake_x(1), _fake_q(offset=2)) == "gemm"  # a view that does not start on a word
-    assert kernel_for(_fake_x(1), _fake_q(bits=8)) == "gemm"
+    assert kernel_for(_fake_x(1), _fake_q(bits=8)) == "gemv_words"
+    assert kernel_for(_fake_x(1), _fake_q(bits=8, gs=36)) == "gemv_words"  # 9 words per group
+    assert kernel_for(_fake_x(1), _fake_q(bits=8, gs=30)) == "reference"  # 7.5 words per group: no kernel
     transposed = _fake_q()
     transposed.packed.stride = lambda d=None: (1, 8)[d]  # a column-major buffer: no kernel reads it
     assert kernel_for(_fake_x(1), transposed) == "reference"
@@ -284,7 +296,7 @@ def test_dispatch_choices(monkeypatch):
     assert kernel_for(_fake_x(1, torch.float32), _fake_q()) == "reference"
     assert kernel_for(_fake_x(1), _fake_q(bits=3)) == "reference"
     assert kernel_for(_fake_x(2), _fake_q(gs=48)) == "reference"  # 4-bit tiles need groups of a multiple of 32
-    assert kernel_for(_fake_x(1), _fake_q(bits=8, gs=24)) == "reference"
+    assert kernel_for(_fake_x(2), _fake_q(bits=8, gs=24)) == "reference"
     assert kernel_for(_fake_x(0), _fake_q()) == "reference"
     assert kernel_for(_fake_x(1, requires_grad=True), _fake_q()) == "reference"
     monkeypatch.setattr(dispatch, "triton_available", lambda: False)

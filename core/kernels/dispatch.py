@@ -2,7 +2,7 @@
 scales, zeros, bits, group_size, in_features, out_features, bias, qweight) by device, dtype, format and M.
 
   reference        dequantize to the input dtype, then F.linear (any device, any format): the oracle
-  gemv_words       Triton, M == 1, 4-bit rows of whole 32-bit words (w4_words.py): CUDA-core FMAs on codes
+  gemv_words       Triton, M == 1, 4/8-bit rows of whole 32-bit words (w4_words.py): CUDA-core FMAs on codes
                    taken from 32-bit words in the load's register layout
   gemv             Triton, M <= GEMV_MAX_M: streams the packed weight once, CUDA-core FMAs
   gemm             Triton, GEMV_MAX_M < M <= DOT_MAX_M: tensor cores, tiles dequantized in registers,
@@ -62,8 +62,9 @@ def reference_matmul(x: torch.Tensor, q) -> torch.Tensor:
 def _words_ok(q) -> bool:
     """Same rule as w4_words.supported, without importing triton."""
     p = q.packed
-    return (q.bits == 4 and p.dim() == 2 and p.shape[1] % 4 == 0 and p.stride(-1) == 1 and p.stride(0) % 4 == 0
-            and p.storage_offset() % 4 == 0 and (q.group_size >= q.in_features or q.group_size % 8 == 0))
+    return (q.bits in (4, 8) and p.dim() == 2 and p.shape[1] % 4 == 0 and p.stride(-1) == 1
+            and p.stride(0) % 4 == 0 and p.storage_offset() % 4 == 0
+            and (q.group_size >= q.in_features or q.group_size % (32 // q.bits) == 0))
 
 
 def kernel_for(x: torch.Tensor, q) -> str:

@@ -1,23 +1,24 @@
-"""A 4-bit weight-only GEMV (M = 1, decode) that reads each packed row as 32-bit words.
+"""A weight-only GEMV for 4- and 8-bit codes (M = 1, decode) that reads each packed row as 32-bit words.
 
     y[N] = x[K] @ dequant(W)[N, K]^T (+ bias),   dequant(W)[n, k] = (code[n, k] - zero[n, g]) * scale[n, g]
 
-slimlm's 4-bit rows (core.quant.packing: byte j holds code 2j low, 2j+1 high) read as little-endian int32 are
-words of 8 codes in order: nibble i of word j is code 8j + i. So the stored format needs no repacking. A program
-owns one chunk of BKW words of K and ROWS rows: it loads x's chunk into registers once, as 8 vectors (x[8j + i]
-for each nibble position i) in the weight tile's layout, then walks its rows BN at a time with 16-byte loads
-(the next rows' words fetched before the current ones are used). Each code is one shift and one mask
-(a LOP3) into the float32 bits of 128 + code, exact, and one FMA:
+slimlm's packed rows (core.quant.packing: 4-bit byte j holds code 2j low, 2j+1 high; 8-bit one code per byte)
+read as little-endian int32 are words of 8 (4-bit) or 4 (8-bit) codes in order: code i of word j is k = PER j + i.
+So the stored format needs no repacking. A program owns one chunk of BKW words of K and ROWS rows: it loads x's
+chunk into registers once, as PER vectors (x[PER j + i] for each position i) in the weight tile's layout, then
+walks its rows BN at a time with 16-byte loads (the next rows' words fetched before the current ones are used).
+Each code is one shift and one mask (a LOP3) into the bits of an exact float32 — 128 + code (4-bit) or
+128 + code / 2 (8-bit) — and one FMA:
 
-    y[n] = sum_words s * (sum_i (128 + c_i) x_i - (128 + z) sum_i x_i)
+    y[n] = sum_words s * (UNIT sum_i f_i x_i - (128 UNIT + z) sum_i x_i),   UNIT = 1 (4-bit) or 2 (8-bit)
 
-Scales / zeros are gathered per (row, word), so any group size that is a multiple of 8 works (including a last
+Scales / zeros are gathered per (row, word), so any group size that is a multiple of PER works (including a last
 group the group size does not divide); a group of 2**p words is found with a shift. K longer than one chunk is
 split over programs, whose float32 partials one small kernel sums (+ bias, cast).
 
 Tried and dropped on an H100 (benchmarks/RESULTS.md): a version whose programs walk K with x loaded per step
-(x reached each thread through shared memory every step; 1.65-1.74x bf16) and a tensor-core version that
-dequantizes per nibble position for tl.dot (0.5-0.8x bf16).
+(x reached each thread through shared memory every step; 1.65-1.78x bf16) and tensor-core versions that feed
+tl.dot per nibble position (0.5-0.94x bf16).
 """
 from __future__ import annotations
 
@@ -27,24 +28,31 @@ import triton.language as tl
 
 
 @triton.jit
-def _code_f32(wu, i: tl.constexpr):
-    """float32 128 + (nibble i of each uint32 word), exact: the nibble moved to bits 16..19 of 0x43000000."""
-    if i < 4:
-        t = wu << (16 - 4 * i)
-    elif i == 4:
-        t = wu
+def _code_f32(wu, i: tl.constexpr, BITS: tl.constexpr):
+    """Code i of each uint32 word as an exact float32, without an int->float conversion: a 4-bit code moved to
+    bits 16..19 of 0x43000000 is 128 + code; an 8-bit code moved to bits 15..22 is 128 + code / 2."""
+    if BITS == 4:
+        if i < 4:
+            t = wu << (16 - 4 * i)
+        elif i == 4:
+            t = wu
+        else:
+            t = wu >> (4 * i - 16)
+        return ((t & 0x000F0000) | 0x43000000).to(tl.float32, bitcast=True)
+    if i < 2:
+        t = wu << (15 - 8 * i)
     else:
-        t = wu >> (4 * i - 16)
-    return ((t & 0x000F0000) | 0x43000000).to(tl.float32, bitcast=True)
+        t = wu >> (8 * i - 15)
+    return ((t & 0x007F8000) | 0x43000000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _group_of_word(kw, gsize, GSHIFT: tl.constexpr):
-    """Quantization group of word kw: a shift when a group is 2**GSHIFT words (an integer division costs ~20
-    instructions per element on the GPU), else a division."""
+def _group_of_word(kw, gsize, PER: tl.constexpr, GSHIFT: tl.constexpr):
+    """Quantization group of word kw (PER codes per word): a shift when a group is 2**GSHIFT words (an integer
+    division costs ~20 instructions per element on the GPU), else a division."""
     if GSHIFT >= 0:
         return kw >> GSHIFT
-    return (kw * 8) // gsize
+    return (kw * PER) // gsize
 
 
 @triton.jit
@@ -58,24 +66,30 @@ def _load_x(x_ptr, k, K, EVEN: tl.constexpr):
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
                  N, K, KW, gsize, stride_wn, stride_sn, stride_ys, ROWS,
                  HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                 BN: tl.constexpr, BKW: tl.constexpr, GSHIFT: tl.constexpr, EVEN: tl.constexpr):
+                 BN: tl.constexpr, BKW: tl.constexpr, GSHIFT: tl.constexpr, EVEN: tl.constexpr,
+                 BITS: tl.constexpr):
     """Program (axis 0: a block of ROWS rows, axis 1: a chunk of BKW words of K); see the module docstring.
     EVEN: N is a multiple of ROWS and every K chunk is full, so no load needs a mask."""
+    PER: tl.constexpr = 32 // BITS  # codes per word
+    UNIT: tl.constexpr = 1.0 if BITS == 4 else 2.0  # 1 / the weight of a code in _code_f32's float
+    SYM_ZERO: tl.constexpr = 8.0 if BITS == 4 else 128.0
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     kw = pid_k * BKW + tl.arange(0, BKW)
     kmask = kw < KW
-    k8 = kw * 8
-    x0 = _load_x(x_ptr, k8, K, EVEN)
-    x1 = _load_x(x_ptr, k8 + 1, K, EVEN)
-    x2 = _load_x(x_ptr, k8 + 2, K, EVEN)
-    x3 = _load_x(x_ptr, k8 + 3, K, EVEN)
-    x4 = _load_x(x_ptr, k8 + 4, K, EVEN)
-    x5 = _load_x(x_ptr, k8 + 5, K, EVEN)
-    x6 = _load_x(x_ptr, k8 + 6, K, EVEN)
-    x7 = _load_x(x_ptr, k8 + 7, K, EVEN)
-    xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
-    g = _group_of_word(kw, gsize, GSHIFT)
+    k0 = kw * PER
+    x0 = _load_x(x_ptr, k0, K, EVEN)
+    x1 = _load_x(x_ptr, k0 + 1, K, EVEN)
+    x2 = _load_x(x_ptr, k0 + 2, K, EVEN)
+    x3 = _load_x(x_ptr, k0 + 3, K, EVEN)
+    xs = (x0 + x1) + (x2 + x3)
+    if BITS == 4:
+        x4 = _load_x(x_ptr, k0 + 4, K, EVEN)
+        x5 = _load_x(x_ptr, k0 + 5, K, EVEN)
+        x6 = _load_x(x_ptr, k0 + 6, K, EVEN)
+        x7 = _load_x(x_ptr, k0 + 7, K, EVEN)
+        xs += (x4 + x5) + (x6 + x7)
+    g = _group_of_word(kw, gsize, PER, GSHIFT)
     r0 = pid_n * ROWS
     rb = tl.arange(0, BN)
     rn = r0 + rb
@@ -93,14 +107,15 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
             nxt_mask = nxt_mask & (nxt < N)[:, None] & kmask[None, :]
         wn = tl.load(w_ptr + nxt[:, None] * stride_wn + kw[None, :], mask=nxt_mask, other=0)
         u = wu.to(tl.uint32, bitcast=True)
-        part = _code_f32(u, 0) * x0[None, :]  # one FMA per code: accumulate in sequence
-        part += _code_f32(u, 1) * x1[None, :]
-        part += _code_f32(u, 2) * x2[None, :]
-        part += _code_f32(u, 3) * x3[None, :]
-        part += _code_f32(u, 4) * x4[None, :]
-        part += _code_f32(u, 5) * x5[None, :]
-        part += _code_f32(u, 6) * x6[None, :]
-        part += _code_f32(u, 7) * x7[None, :]
+        part = _code_f32(u, 0, BITS) * x0[None, :]  # one FMA per code: accumulate in sequence
+        part += _code_f32(u, 1, BITS) * x1[None, :]
+        part += _code_f32(u, 2, BITS) * x2[None, :]
+        part += _code_f32(u, 3, BITS) * x3[None, :]
+        if BITS == 4:
+            part += _code_f32(u, 4, BITS) * x4[None, :]
+            part += _code_f32(u, 5, BITS) * x5[None, :]
+            part += _code_f32(u, 6, BITS) * x6[None, :]
+            part += _code_f32(u, 7, BITS) * x7[None, :]
         if EVEN:
             s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :]).to(tl.float32)
         else:
@@ -108,8 +123,9 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
         if HAS_Z:
             z = tl.load(z_ptr + rn[:, None] * stride_sn + g[None, :], mask=wmask, other=0).to(tl.float32)
         else:
-            z = tl.full([BN, BKW], 8.0, tl.float32)
-        y = tl.sum(s * (part - (128.0 + z) * xs[None, :]), axis=1)
+            z = tl.full([BN, BKW], SYM_ZERO, tl.float32)
+        # part = 128 sum(x) + sum(c x) / UNIT, so sum((c - z) x) = UNIT part - (128 UNIT + z) sum(x)
+        y = tl.sum(s * (UNIT * part - (128.0 * UNIT + z) * xs[None, :]), axis=1)
         if SPLIT_K == 1:
             if HAS_BIAS:
                 y += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
@@ -137,34 +153,34 @@ def _sum_splits_kernel(p_ptr, b_ptr, y_ptr, N, stride_ps, SPLIT_K: tl.constexpr,
 
 
 def supported(bits: int, group_size: int, in_features: int, packed: torch.Tensor) -> bool:
-    """4-bit rows whose bytes fill whole 32-bit words, groups of whole words (or one group per row)."""
-    return (bits == 4 and packed.dim() == 2 and packed.shape[1] % 4 == 0 and packed.stride(-1) == 1
+    """4- or 8-bit rows whose bytes fill whole 32-bit words, groups of whole words (or one group per row)."""
+    return (bits in (4, 8) and packed.dim() == 2 and packed.shape[1] % 4 == 0 and packed.stride(-1) == 1
             and packed.stride(0) % 4 == 0 and packed.storage_offset() % 4 == 0
-            and (group_size >= in_features or group_size % 8 == 0))
+            and (group_size >= in_features or group_size % (32 // bits) == 0))
 
 
-def group_shift(group_size: int, in_features: int) -> int:
+def group_shift(group_size: int, in_features: int, bits: int = 4) -> int:
     """log2(words per group) when that is a power of two (one group per row counts: any shift past the row),
     else -1 (the kernels divide)."""
     if group_size >= in_features:
         return 30
-    words = group_size // 8
+    words = group_size // (32 // bits)
     return words.bit_length() - 1 if words & (words - 1) == 0 else -1
 
 
 def _check(bits, group_size, k, packed, bkw):
     if not supported(bits, group_size, k, packed):
-        raise ValueError(f"w4_words takes 4-bit rows of whole 32-bit words and groups of whole words; got {bits} "
+        raise ValueError(f"w4_words takes 4/8-bit rows of whole 32-bit words and groups of whole words; got {bits} "
                          f"bits, group {group_size}, {packed.shape[1]} bytes per row")
     if bkw & (bkw - 1):
         raise ValueError(f"BKW must be a power of two, got {bkw}")
 
 
-def default_gemv_config(n: int, k: int) -> dict:
+def default_gemv_config(n: int, k: int, bits: int = 4) -> dict:
     """Tile rule from benchmarks/gpu_w4_words.py on an H100 (results/gpu_w4_words.json; each Llama-3-8B shape's best
     config or within 5 % of it): K in one chunk when a row has at most 512 words, else chunks of 256 (split K,
     2 warps); 4 rows at a time, 16 rows per program for wide layers (N >= 8192) or a split K, else 8."""
-    kw = -(-k // 8)
+    kw = -(-k // (32 // bits))
     split = kw > 512
     bkw = 256 if split else min(512, max(32, triton.next_power_of_2(kw)))
     return {"ROWS": 16 if split or n >= 8192 else 8, "BN": 4, "BKW": bkw, "num_warps": 2 if split else 4,
@@ -177,7 +193,7 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: tor
     m, k = x.shape
     if m != 1:
         raise ValueError("gemv_words takes one row of x")
-    cfg = {**default_gemv_config(n_out, k), **(config or {})}
+    cfg = {**default_gemv_config(n_out, k, bits), **(config or {})}
     _check(bits, group_size, k, packed, cfg["BKW"])
     if cfg["ROWS"] % cfg["BN"]:
         raise ValueError("ROWS must be a multiple of BN")
@@ -190,8 +206,8 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: tor
         x, w, scales, scales if zeros is None else zeros, scales if bias is None else bias, y,
         n_out, k, kw, group_size, w.stride(0), scales.stride(0), y.stride(0) if split > 1 else 0, cfg["ROWS"],
         HAS_Z=zeros is not None, HAS_BIAS=bias is not None and split == 1, SPLIT_K=split,
-        BN=cfg["BN"], BKW=cfg["BKW"], GSHIFT=group_shift(group_size, k),
-        EVEN=n_out % cfg["ROWS"] == 0 and kw % cfg["BKW"] == 0 and k == 8 * kw,
+        BN=cfg["BN"], BKW=cfg["BKW"], GSHIFT=group_shift(group_size, k, bits), BITS=bits,
+        EVEN=n_out % cfg["ROWS"] == 0 and kw % cfg["BKW"] == 0 and k == (32 // bits) * kw,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split == 1:
         return y
