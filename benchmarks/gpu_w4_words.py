@@ -1,7 +1,7 @@
 """Tile sweep for the word-reading 4-bit GEMV (core/kernels/w4_words.py, M = 1) on a GPU, against bf16 cuBLAS and
 what the dispatcher runs ("dispatch" = whatever quant_matmul picks), at Llama-3-8B shapes.
 
-  python benchmarks/gpu_w4_words.py --out results.json [--budget-s 300] [--quick]
+  python benchmarks/gpu_w4_words.py --out results.json [--budget-s 300] [--quick] [--bits 8]
 
 Same method as benchmarks/gpu_kernels.py (its helpers are imported): per-call µs inside a CUDA graph over weight
 copies that together exceed 3x L2, so weights come from HBM; every config's output is checked against
@@ -38,6 +38,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--budget-s", type=float, default=300)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--bits", type=int, default=4, choices=[4, 8], help="weight bits (group 128)")
     ap.add_argument("--dry-cpu", action="store_true")
     a = ap.parse_args()
     from core.kernels import w4_words
@@ -54,7 +55,7 @@ def main():
     for name, (n, k) in shapes:
         dense = [gk.rand_linear(n, k, seed=s).to(torch.bfloat16) for s in range(gk.n_copies(n * k * 2, l2))]
         for sym in (True, False):
-            q = gk.make_qlinear(n, k, 4, 128, sym)
+            q = gk.make_qlinear(n, k, a.bits, 128, sym)
             qs = [q] + [gk.clone_q(q) for _ in range(gk.n_copies(gk.qbytes(q), l2) - 1)]
             oracle = q.qweight.dequantize(torch.float32)
             for m in ms:
@@ -80,7 +81,7 @@ def main():
                     label = kind + " " + " ".join(f"{kk}{v}" for kk, v in cfg.items())
                     try:
                         def call(qq, cfg=cfg):
-                            return w4_words.gemv(x, qq.packed, qq.scales, qq.zeros, 4, qq.group_size, n, None,
+                            return w4_words.gemv(x, qq.packed, qq.scales, qq.zeros, a.bits, qq.group_size, n, None,
                                                  config=cfg or None)
                         err = gk.rel(call(qs[0]), ref)
                         if err > 1.2e-2:
