@@ -5,7 +5,6 @@ Compare -> the share URL opened in a fresh browser context shows the same compar
 """
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -97,6 +96,17 @@ def _launch(playwright):
         "--disable-sync"])
 
 
+def _new_page(browser, height: int):
+    """A page 1500 px wide with 90 s timeouts: the first page load probes bitsandbytes (imports torch), slow on a
+    busy machine."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1500, "height": height})
+    page.set_default_timeout(90_000)
+    expect.set_options(timeout=90_000)
+    return page
+
+
 def test_submit_wait_compare_share(server):
     from playwright.sync_api import expect, sync_playwright
 
@@ -104,10 +114,7 @@ def test_submit_wait_compare_share(server):
     with sync_playwright() as p:
         browser = _launch(p)
         try:
-            page = browser.new_page(viewport={"width": 1500, "height": 1600})
-            # The first page load probes bitsandbytes (imports torch): slow on a busy machine
-            page.set_default_timeout(90_000)
-            expect.set_options(timeout=90_000)
+            page = _new_page(browser, 1600)
 
             # New experiment: baseline + RTN int8 per-channel, tiny measurement. Start at "/" (it
             # redirects to /new): a fresh server's first session opened on a non-default page shows a
@@ -173,9 +180,7 @@ def test_distillation_in_the_browser(server):
     with sync_playwright() as p:
         browser = _launch(p)
         try:
-            page = browser.new_page(viewport={"width": 1500, "height": 2200})
-            page.set_default_timeout(90_000)
-            expect.set_options(timeout=90_000)
+            page = _new_page(browser, 2200)
             page.goto(url)
             expect(page.get_by_role("button", name="Run 3 experiments")).to_be_visible()
             for name in ("Baseline (no compression)", "RTN int8 per-channel", "RTN int4 g64"):
