@@ -26,9 +26,9 @@ import torch.nn.functional as F  # noqa: E402
 
 def gemv_configs(full):
     out = []
-    for rows, bn, bkw, w in itertools.product((8, 16, 32, 64, 128), (2, 4, 8), (128, 256, 512), (2, 4, 8)):
+    for rows, bn, bkw, w in itertools.product((8, 16, 32, 64, 128), (2, 4, 8, 16), (128, 256, 512), (2, 4, 8)):
         per_thread = bn * bkw / (32 * w)
-        if 4 <= per_thread <= 32 and rows >= bn:
+        if 4 <= per_thread <= 64 and rows >= bn:
             out.append({"ROWS": rows, "BN": bn, "BKW": bkw, "num_warps": w, "num_stages": 1})
     return out if full else out[:3]
 
@@ -62,11 +62,14 @@ def main():
                 x = torch.randn(m, k, device=gk.DEV, dtype=torch.bfloat16)
                 ref = x.float() @ oracle.t()
                 r = {"shape": name, "N": n, "K": k, "M": m, "symmetric": sym, "weight_bytes": gk.qbytes(q),
-                     "us": {}, "sweep": {}, "errors": {}}
+                     "us": {}, "sweep": {}, "errors": {}, "rel_err": {}}
                 if sym:
                     r["us"]["bf16"] = gk.graph_time([lambda d=d: F.linear(x, d.weight) for d in dense])
                 r["us"]["dispatch"] = gk.graph_time([lambda qq=qq: quant_matmul(x, qq) for qq in qs])
-                cands = [("default", {})]  # the tile rule the dispatcher uses
+                cands = [("default", {}),  # the tile rule the dispatcher uses
+                         # the same tiles with the session-4 inner loop: a scale per word, two LOP3s per code
+                         ("default-gather-noasm", {"GROUPED": False, "USE_ASM": False}),
+                         ("default-nopairs", {"PAIRS": False})]  # codes in float32 (the 8-bit / fp16 path)
                 if sym:
                     cands += [("sweep", c) for c in gemv_configs(not a.quick)]
                 else:  # asymmetric: the best symmetric config only
@@ -84,6 +87,7 @@ def main():
                             return w4_words.gemv(x, qq.packed, qq.scales, qq.zeros, a.bits, qq.group_size, n, None,
                                                  config=cfg or None)
                         err = gk.rel(call(qs[0]), ref)
+                        r["rel_err"][label] = err
                         if err > 1.2e-2:
                             r["errors"][label] = f"rel error {err:.3g}"
                             continue
@@ -92,8 +96,8 @@ def main():
                         r["errors"][label] = repr(e)[:300]
                         continue
                     r["sweep"][label] = us
-                    if kind == "default":
-                        r["us"]["default tiles"] = us
+                    if kind.startswith("default"):
+                        r["us"][kind.replace("default", "default tiles")] = us
                     elif "best" not in r["us"] or us < r["us"]["best"]:
                         r["us"]["best"], r["best_config"], r["best_cfg"] = us, label, cfg
                 rows.append(r)

@@ -132,6 +132,8 @@ def test_interp_gemm_matches_reference(k, n, kdim, gs, bits, sym, m, dtype, spli
 # word-reading GEMV (w4_words): 4-bit rows of whole 32-bit words; K=576 g=96 has 12 words per group (the
 # division path), g=128 the shift path with a short last group, None one group per row; BKW below the row's
 # words splits K (partials summed by a second kernel), ROWS not a multiple of N leaves a partial last block.
+# Power-of-two groups no longer than a chunk are summed per group before the scale (GW > 0), others gather a
+# scale per word; each case runs both ways.
 WORDS_GEMV_CASES = [  # N, K, group, symmetric, dtype, config
     (24, 576, 128, False, torch.float16, {"ROWS": 8, "BN": 4, "BKW": 32}),
     (40, 576, 128, True, torch.bfloat16, {"ROWS": 16, "BN": 8, "BKW": 128}),
@@ -141,6 +143,7 @@ WORDS_GEMV_CASES = [  # N, K, group, symmetric, dtype, config
     (36, 576, 64, True, torch.float16, None),  # the default tile rule
     (32, 512, 128, False, torch.float16, {"ROWS": 16, "BN": 4, "BKW": 64}),  # EVEN: no masks
     (32, 1024, 64, True, torch.bfloat16, {"ROWS": 8, "BN": 2, "BKW": 32}),  # EVEN, K split in 4
+    (16, 1024, 256, False, torch.bfloat16, {"ROWS": 8, "BN": 4, "BKW": 16}),  # a group (32 words) > a chunk
 ]
 # 8-bit: 4 codes per word; K=200 g=64 has 16 words per group and a short last group, g=36 9 words (division)
 WORDS8_GEMV_CASES = [
@@ -159,11 +162,12 @@ def test_interp_words_gemv_matches_reference(bits, n, kdim, gs, sym, dtype, cfg)
 
     q = _layer(n, kdim, bits, gs, sym)
     x = _x(1, kdim, dtype)
-    for bias in (q.bias, None):
-        y = w4_words.gemv(x, *_args(q)[:5], n, bias, config=cfg)
-        assert y.dtype == dtype and y.shape == (1, n)
-        ref = _oracle(x, q) - (0 if bias is not None else q.bias.float())
-        assert _rel(y, ref) < _tol(dtype)
+    for grouped in (True, False):  # partials summed per group where groups allow it, and a scale per word
+        for bias in (q.bias, None):
+            y = w4_words.gemv(x, *_args(q)[:5], n, bias, config={**(cfg or {}), "GROUPED": grouped})
+            assert y.dtype == dtype and y.shape == (1, n)
+            ref = _oracle(x, q) - (0 if bias is not None else q.bias.float())
+            assert _rel(y, ref) < _tol(dtype)
 
 
 def test_words_default_tiles_follow_the_sweep():
@@ -175,6 +179,10 @@ def test_words_default_tiles_follow_the_sweep():
     assert rule(4096, 14336) == {"ROWS": 16, "BN": 4, "BKW": 256, "num_warps": 2, "num_stages": 1}  # down: 7 chunks
     assert rule(4096, 4096)["ROWS"] == 8 and rule(1024, 4096)["ROWS"] == 8
     assert rule(576, 576)["BKW"] == 128  # a short row is not padded to 512 words
+    pairs = {"gate/up": rule(14336, 4096, 4, True), "down": rule(4096, 14336, 4, True), "q/o": rule(4096, 4096, 4, True)}
+    assert pairs["gate/up"] == {"ROWS": 32, "BN": 8, "BKW": 512, "num_warps": 8, "num_stages": 1}
+    assert pairs["down"] == {"ROWS": 32, "BN": 8, "BKW": 256, "num_warps": 4, "num_stages": 1}
+    assert pairs["q/o"]["ROWS"] == 8 and pairs["q/o"]["num_warps"] == 8
 
 
 @interp
@@ -353,3 +361,27 @@ def test_importing_kernels_pulls_no_app_dependency():
             "bad = [m for m in ('triton', 'streamlit', 'bitsandbytes', 'gguf', 'plotly') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_words_bf16_pair_constants():
+    """The PTX of the bf16-pair word dot (GPU only) rests on three constants: 0x4300 | c is bf16 128 + c, and its
+    FMA by one (0x3F80) plus -136 (0xC308) gives c - 8 exactly, in both halves of a pair."""
+    pytest.importorskip("triton")
+    import inspect
+    import re
+
+    from core.kernels import w4_words
+
+    src = inspect.getsource(w4_words._word_dot_bf16x2.fn)
+    consts = {name: int(v, 16) for name, v in re.findall(r"mov\.b32 (\w+), (0x[0-9A-Fa-f]+);", src)}
+
+    def halves(word):
+        bits = [(word >> sh) & 0xFFFF for sh in (0, 16)]
+        return [torch.tensor([b - (b >> 15) * 65536], dtype=torch.int16).view(torch.bfloat16).item() for b in bits]
+
+    assert halves(consts["one"]) == [1.0, 1.0] and halves(consts["neg"]) == [-136.0, -136.0]
+    magic = int(re.search(r"lop3\.b32 v, \$1, 0x000F000F, (0x[0-9A-F]+), 0xEA", src).group(1), 16)
+    for c in range(16):
+        word = magic | c | (c << 16)  # what the lop3 makes of codes (c, c)
+        v = torch.tensor(halves(word), dtype=torch.bfloat16)
+        assert torch.equal(v * 1.0 + (-136.0), torch.tensor([c - 8.0, c - 8.0], dtype=torch.bfloat16))

@@ -7,24 +7,33 @@ read as little-endian int32 are words of 8 (4-bit) or 4 (8-bit) codes in order: 
 So the stored format needs no repacking. A program owns one chunk of BKW words of K and ROWS rows: it loads x's
 chunk into registers once, as PER vectors (x[PER j + i] for each position i) in the weight tile's layout, then
 walks its rows BN at a time with 16-byte loads (the next rows' words fetched before the current ones are used).
-Each code is one shift and one mask (a LOP3) into the bits of an exact float32 — 128 + code (4-bit) or
-128 + code / 2 (8-bit) — and one FMA:
-
-    y[n] = sum_words s * (UNIT sum_i f_i x_i - (128 UNIT + z) sum_i x_i),   UNIT = 1 (4-bit) or 2 (8-bit)
-
-Scales / zeros are gathered per (row, word), so any group size that is a multiple of PER works (including a last
-group the group size does not divide); a group of 2**p words is found with a shift. K longer than one chunk is
-split over programs, whose float32 partials one small kernel sums (+ bias, cast).
+Two inner loops:
+  - 4-bit codes, bf16 x (PAIRS, GPU): per word, codes (i, i + 4) become one bf16 pair 128 + c with a lop3, one
+    bf16x2 FMA centres them (c - 8, exact), four bf16x2 FMAs multiply them by x pairs (x[8j + i], x[8j + i + 4])
+    packed once per program, and the two bf16 lanes are added in float32: ~2.3 instructions per code
+    (_word_dot_bf16x2), for a bf16 rounding per product and per partial sum of four.
+  - otherwise (8-bit codes, fp16 x, Triton's interpreter): each code is one shift and one lop3 into the bits of an
+    exact float32, 128 + code (4-bit) or 128 + code / 2 (8-bit), and one FFMA; the chain starts at
+    -(128 + z / UNIT) sum_i x_i, so it ends at sum_i (code_i - z) x_i / UNIT (UNIT = 1 for 4-bit, 2 for 8-bit).
+Scales and zeros: where a group is 2**p words and fits in a chunk (GW), word partials are summed per group and
+scaled once per (row, group); one group per row is scaled once per row; other group sizes (any multiple of PER,
+incl. a last group the group size does not divide) gather a scale per (row, word). K longer than one chunk is split
+over programs, whose float32 partials one small kernel sums (+ bias, cast).
 
 Tried and dropped on an H100 (benchmarks/RESULTS.md): a version whose programs walk K with x loaded per step
-(x reached each thread through shared memory every step; 1.65-1.78x bf16) and tensor-core versions that feed
-tl.dot per nibble position (0.5-0.94x bf16).
+(x reached each thread through shared memory every step; 1.65-1.78x bf16), tensor-core versions that feed tl.dot
+per nibble position (0.5-0.94x bf16), four words per thread as a 3-D tile with one scale per quad (Triton put the
+warps on rows, 255 registers: slower) and a second block of rows in flight (slower: 18.0 vs 14.2 us on gate/up).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -44,6 +53,41 @@ def _code_f32(wu, i: tl.constexpr, BITS: tl.constexpr):
     else:
         t = wu >> (8 * i - 15)
     return ((t & 0x007F8000) | 0x43000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _word_dot_bf16x2(wu, x04, x15, x26, x37):
+    """sum_i (code_i - 8) x_i over one 32-bit word of 4-bit codes, in packed bf16 pairs (GPU only): one lop3
+    makes codes (i, i + 4) into the bf16 pair (128 + c_i, 128 + c_{i+4}), one bf16x2 FMA takes off 136 (exact;
+    centred codes keep the bf16 partial sums small, for asymmetric codes too: their zero is applied later as
+    z - 8); the four pair products are summed in bf16 (two lanes of four terms), then the lanes are added in
+    float32. ~2.3 instructions per code instead of ~3.9 (shift, lop3, FFMA per code in float32), for a bf16
+    rounding per product and per partial sum of four (relative error ~3e-3 vs ~1.7e-3 on random inputs)."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 v, t, p, one, neg, zero, lo, hi; mov.b32 one, 0x3F803F80; mov.b32 neg, 0xC308C308; "
+        "mov.b32 zero, 0; "
+        "lop3.b32 v, $1, 0x000F000F, 0x43004300, 0xEA; fma.rn.bf16x2 v, v, one, neg; "
+        "fma.rn.bf16x2 p, v, $2, zero; shr.b32 t, $1, 4; "
+        "lop3.b32 v, t, 0x000F000F, 0x43004300, 0xEA; fma.rn.bf16x2 v, v, one, neg; "
+        "fma.rn.bf16x2 p, v, $3, p; shr.b32 t, $1, 8; "
+        "lop3.b32 v, t, 0x000F000F, 0x43004300, 0xEA; fma.rn.bf16x2 v, v, one, neg; "
+        "fma.rn.bf16x2 p, v, $4, p; shr.b32 t, $1, 12; "
+        "lop3.b32 v, t, 0x000F000F, 0x43004300, 0xEA; fma.rn.bf16x2 v, v, one, neg; "
+        "fma.rn.bf16x2 p, v, $5, p; "
+        "shl.b32 lo, p, 16; and.b32 hi, p, 0xFFFF0000; add.f32 $0, lo, hi; }",
+        "=f,r,r,r,r,r", [wu, x04, x15, x26, x37], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _x_pair(x_ptr, k, K, EVEN: tl.constexpr):
+    """bf16 x[k] and x[k + 4] as one packed pair (uint32: x[k] low, x[k + 4] high)."""
+    if EVEN:
+        a = tl.load(x_ptr + k)
+        b = tl.load(x_ptr + k + 4)
+    else:
+        a = tl.load(x_ptr + k, mask=k < K, other=0.0)
+        b = tl.load(x_ptr + k + 4, mask=k + 4 < K, other=0.0)
+    return a.to(tl.uint16, bitcast=True).to(tl.uint32) | (b.to(tl.uint16, bitcast=True).to(tl.uint32) << 16)
 
 
 @triton.jit
@@ -67,12 +111,15 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
                  N, K, KW, gsize, stride_wn, stride_sn, stride_ys, ROWS,
                  HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
                  BN: tl.constexpr, BKW: tl.constexpr, GSHIFT: tl.constexpr, EVEN: tl.constexpr,
-                 BITS: tl.constexpr):
+                 BITS: tl.constexpr, USE_ASM: tl.constexpr, GW: tl.constexpr, PAIRS: tl.constexpr):
     """Program (axis 0: a block of ROWS rows, axis 1: a chunk of BKW words of K); see the module docstring.
-    EVEN: N is a multiple of ROWS and every K chunk is full, so no load needs a mask."""
+    EVEN: N is a multiple of ROWS and every K chunk is full, so no load needs a mask. GW: words per group when a
+    group is a power of two no longer than the chunk (partials summed per group, one scale load per group), -1
+    for one group per row, 0 otherwise (a scale gathered per word)."""
     PER: tl.constexpr = 32 // BITS  # codes per word
     UNIT: tl.constexpr = 1.0 if BITS == 4 else 2.0  # 1 / the weight of a code in _code_f32's float
     SYM_ZERO: tl.constexpr = 8.0 if BITS == 4 else 128.0
+    ZOFF: tl.constexpr = 8.0 if PAIRS else 0.0  # what part already took off each code, for the zero below
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     kw = pid_k * BKW + tl.arange(0, BKW)
@@ -89,7 +136,24 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
         x6 = _load_x(x_ptr, k0 + 6, K, EVEN)
         x7 = _load_x(x_ptr, k0 + 7, K, EVEN)
         xs += (x4 + x5) + (x6 + x7)
+    if PAIRS:  # 4-bit codes times bf16 x in packed pairs (_word_dot_bf16x2)
+        x04 = _x_pair(x_ptr, k0, K, EVEN)
+        x15 = _x_pair(x_ptr, k0 + 1, K, EVEN)
+        x26 = _x_pair(x_ptr, k0 + 2, K, EVEN)
+        x37 = _x_pair(x_ptr, k0 + 3, K, EVEN)
+    # part = sum f x + init, f = 128 + code / UNIT: init = -(128 + z / UNIT) sum x gives sum (code - z) x / UNIT
+    if HAS_Z:
+        init = -128.0 * xs
+        xsu = xs / UNIT
+    else:
+        init = -(128.0 + SYM_ZERO / UNIT) * xs
     g = _group_of_word(kw, gsize, PER, GSHIFT)
+    if GW > 0:
+        gi = pid_k * (BKW // GW) + tl.arange(0, BKW // GW)
+        if HAS_Z:
+            xsg = tl.sum(tl.reshape(xsu, [BKW // GW, GW]), axis=1)
+    elif GW < 0 and HAS_Z:
+        xsg = tl.sum(xsu, axis=0)
     r0 = pid_n * ROWS
     rb = tl.arange(0, BN)
     rn = r0 + rb
@@ -107,25 +171,42 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
             nxt_mask = nxt_mask & (nxt < N)[:, None] & kmask[None, :]
         wn = tl.load(w_ptr + nxt[:, None] * stride_wn + kw[None, :], mask=nxt_mask, other=0)
         u = wu.to(tl.uint32, bitcast=True)
-        part = _code_f32(u, 0, BITS) * x0[None, :]  # one FMA per code: accumulate in sequence
-        part += _code_f32(u, 1, BITS) * x1[None, :]
-        part += _code_f32(u, 2, BITS) * x2[None, :]
-        part += _code_f32(u, 3, BITS) * x3[None, :]
-        if BITS == 4:
-            part += _code_f32(u, 4, BITS) * x4[None, :]
-            part += _code_f32(u, 5, BITS) * x5[None, :]
-            part += _code_f32(u, 6, BITS) * x6[None, :]
-            part += _code_f32(u, 7, BITS) * x7[None, :]
-        if EVEN:
-            s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :]).to(tl.float32)
+        if PAIRS:  # sum (c - 8) x (symmetric) or sum c x
+            part = _word_dot_bf16x2(u, x04[None, :], x15[None, :], x26[None, :], x37[None, :])
         else:
-            s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=wmask, other=0.0).to(tl.float32)
-        if HAS_Z:
-            z = tl.load(z_ptr + rn[:, None] * stride_sn + g[None, :], mask=wmask, other=0).to(tl.float32)
+            part = init[None, :] + _code_f32_asm(u, 0, BITS, USE_ASM) * x0[None, :]  # one FMA per code
+            part += _code_f32_asm(u, 1, BITS, USE_ASM) * x1[None, :]
+            part += _code_f32_asm(u, 2, BITS, USE_ASM) * x2[None, :]
+            part += _code_f32_asm(u, 3, BITS, USE_ASM) * x3[None, :]
+            if BITS == 4:
+                part += _code_f32_asm(u, 4, BITS, USE_ASM) * x4[None, :]
+                part += _code_f32_asm(u, 5, BITS, USE_ASM) * x5[None, :]
+                part += _code_f32_asm(u, 6, BITS, USE_ASM) * x6[None, :]
+                part += _code_f32_asm(u, 7, BITS, USE_ASM) * x7[None, :]
+        if GW > 0:  # sum each group's words first, then one scale (and zero) per (row, group)
+            pg = tl.sum(tl.reshape(part, [BN, BKW // GW, GW]), axis=2)
+            gmask = nmask[:, None] & (gi * GW < KW)[None, :]
+            s = tl.load(s_ptr + rn[:, None] * stride_sn + gi[None, :], mask=gmask, other=0.0).to(tl.float32)
+            if HAS_Z:
+                z = tl.load(z_ptr + rn[:, None] * stride_sn + gi[None, :], mask=gmask, other=0).to(tl.float32)
+                pg -= (z - ZOFF) * xsg[None, :]
+            y = tl.sum(s * pg, axis=1) * UNIT
+        elif GW < 0:  # one group per row
+            s = tl.load(s_ptr + rn * stride_sn, mask=nmask, other=0.0).to(tl.float32)
+            if HAS_Z:
+                z = tl.load(z_ptr + rn * stride_sn, mask=nmask, other=0).to(tl.float32)
+                y = s * (tl.sum(part, axis=1) - (z - ZOFF) * xsg) * UNIT
+            else:
+                y = s * tl.sum(part, axis=1) * UNIT
         else:
-            z = tl.full([BN, BKW], SYM_ZERO, tl.float32)
-        # part = 128 sum(x) + sum(c x) / UNIT, so sum((c - z) x) = UNIT part - (128 UNIT + z) sum(x)
-        y = tl.sum(s * (UNIT * part - (128.0 * UNIT + z) * xs[None, :]), axis=1)
+            if EVEN:
+                s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :]).to(tl.float32)
+            else:
+                s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=wmask, other=0.0).to(tl.float32)
+            if HAS_Z:
+                z = tl.load(z_ptr + rn[:, None] * stride_sn + g[None, :], mask=wmask, other=0).to(tl.float32)
+                part -= (z - ZOFF) * xsu[None, :]
+            y = tl.sum(s * part, axis=1) * UNIT
         if SPLIT_K == 1:
             if HAS_BIAS:
                 y += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
@@ -133,6 +214,30 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
         else:
             tl.store(y_ptr + pid_k * stride_ys + rn, y, mask=nmask)
         wu = wn
+
+
+@triton.jit
+def _code_f32_asm(wu, i: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr):
+    """_code_f32 with the mask-and-merge as ONE lop3 (ptxas emits two LOP3s for (t & m) | c with two immediates)."""
+    if not USE_ASM:
+        return _code_f32(wu, i, BITS)
+    if BITS == 4:
+        if i < 4:
+            t = wu << (16 - 4 * i)
+        elif i == 4:
+            t = wu
+        else:
+            t = wu >> (4 * i - 16)
+        v = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F0000, 0x43000000, 0xEA;", "=r,r", [t],
+                                      dtype=tl.uint32, is_pure=True, pack=1)
+    else:
+        if i < 2:
+            t = wu << (15 - 8 * i)
+        else:
+            t = wu >> (8 * i - 15)
+        v = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x007F8000, 0x43000000, 0xEA;", "=r,r", [t],
+                                      dtype=tl.uint32, is_pure=True, pack=1)
+    return v.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -176,13 +281,18 @@ def _check(bits, group_size, k, packed, bkw):
         raise ValueError(f"BKW must be a power of two, got {bkw}")
 
 
-def default_gemv_config(n: int, k: int, bits: int = 4) -> dict:
-    """Tile rule from benchmarks/gpu_w4_words.py on an H100 (results/gpu_w4_words.json; each Llama-3-8B shape's best
-    config or within 5 % of it): K in one chunk when a row has at most 512 words, else chunks of 256 (split K,
-    2 warps); 4 rows at a time, 16 rows per program for wide layers (N >= 8192) or a split K, else 8."""
+def default_gemv_config(n: int, k: int, bits: int = 4, pairs: bool = False) -> dict:
+    """Tile rules from benchmarks/gpu_w4_words.py on an H100, each Llama-3-8B shape's best config or within 5 % of
+    it. pairs (4-bit codes, bf16 x: _word_dot_bf16x2; results/gpu_w4_words_pairs.json): 8 rows at a time, K in one
+    chunk when a row has at most 512 words, else chunks of 256 (split K, 4 warps), 32 rows per program for wide
+    layers (N >= 8192) or a split K, else 8, 8 warps. Codes in float32 (8-bit, fp16 x; results/gpu_w4_words.json):
+    4 rows at a time, chunks of 512 / 256 words (2 warps when split), 16 or 8 rows per program."""
     kw = -(-k // (32 // bits))
     split = kw > 512
     bkw = 256 if split else min(512, max(32, triton.next_power_of_2(kw)))
+    if pairs:
+        return {"ROWS": 32 if split or n >= 8192 else 8, "BN": 8, "BKW": bkw, "num_warps": 4 if split else 8,
+                "num_stages": 1}
     return {"ROWS": 16 if split or n >= 8192 else 8, "BN": 4, "BKW": bkw, "num_warps": 2 if split else 4,
             "num_stages": 1}
 
@@ -193,7 +303,9 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: tor
     m, k = x.shape
     if m != 1:
         raise ValueError("gemv_words takes one row of x")
-    cfg = {**default_gemv_config(n_out, k, bits), **(config or {})}
+    use_asm = (config or {}).get("USE_ASM", not INTERPRET)
+    pairs = use_asm and bits == 4 and x.dtype == torch.bfloat16 and (config or {}).get("PAIRS", True)
+    cfg = {**default_gemv_config(n_out, k, bits, pairs), **(config or {})}
     _check(bits, group_size, k, packed, cfg["BKW"])
     if cfg["ROWS"] % cfg["BN"]:
         raise ValueError("ROWS must be a multiple of BN")
@@ -202,13 +314,19 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: tor
     split = triton.cdiv(kw, cfg["BKW"])
     y = (torch.empty(1, n_out, device=x.device, dtype=x.dtype) if split == 1
          else torch.empty(split, n_out, device=x.device, dtype=torch.float32))
-    _gemv_kernel[(triton.cdiv(n_out, cfg["ROWS"]), split)](
-        x, w, scales, scales if zeros is None else zeros, scales if bias is None else bias, y,
-        n_out, k, kw, group_size, w.stride(0), scales.stride(0), y.stride(0) if split > 1 else 0, cfg["ROWS"],
-        HAS_Z=zeros is not None, HAS_BIAS=bias is not None and split == 1, SPLIT_K=split,
-        BN=cfg["BN"], BKW=cfg["BKW"], GSHIFT=group_shift(group_size, k, bits), BITS=bits,
-        EVEN=n_out % cfg["ROWS"] == 0 and kw % cfg["BKW"] == 0 and k == (32 // bits) * kw,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    args = (x, w, scales, scales if zeros is None else zeros, scales if bias is None else bias, y,
+            n_out, k, kw, group_size, w.stride(0), scales.stride(0), y.stride(0) if split > 1 else 0, cfg["ROWS"])
+    common = {"HAS_Z": zeros is not None, "HAS_BIAS": bias is not None and split == 1, "SPLIT_K": split,
+              "BN": cfg["BN"], "GSHIFT": group_shift(group_size, k, bits), "BITS": bits,
+              "EVEN": n_out % cfg["ROWS"] == 0 and kw % cfg["BKW"] == 0 and k == (32 // bits) * kw,
+              "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    grid = (triton.cdiv(n_out, cfg["ROWS"]), split)
+    gw = 0
+    if group_size >= k:
+        gw = -1
+    elif common["GSHIFT"] >= 0 and (1 << common["GSHIFT"]) <= cfg["BKW"] and cfg.get("GROUPED", True):
+        gw = 1 << common["GSHIFT"]
+    _gemv_kernel[grid](*args, BKW=cfg["BKW"], USE_ASM=use_asm, GW=gw, PAIRS=pairs, **common)
     if split == 1:
         return y
     out = torch.empty(1, n_out, device=x.device, dtype=x.dtype)
