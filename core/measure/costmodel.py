@@ -392,15 +392,15 @@ PRESET_HARDWARE: dict[str, Hardware] = {h.name: h for h in (
     # The H100 as slimlm's own kernels and CUDA-graph decode loop run on it (measured 2026-11-26,
     # benchmarks/RESULTS.md "Cost model calibrated to slimlm's kernels"): the achieved bandwidth of the weight
     # matmuls of a Llama-3-8B layer (q, k, v, o, gate, up, down at their shapes) per format and batch, from
-    # benchmarks/gpu_kernels.py (results/gpu_kernels_h100.json; int8 weight-only at batch 1, after its move to the
-    # word-reading GEMV: results/gpu_kernels_h100_w8_words.json), and the per-layer step overhead fitted to one
+    # benchmarks/gpu_kernels.py (results/gpu_kernels_h100.json; weight-only at batch 1 after the word-reading GEMV's
+    # bf16-pair loop, session 5: results/gpu_kernels_h100_pairs.json), and the per-layer step overhead fitted to one
     # decode measurement (bf16, batch 1, results/gpu_decode_w4_words.json).
     Hardware("H100 SXM (slimlm kernels, measured)", "gpu", 3350, 989.5, 67, 80, 3.0, int8_tops=1979,
              fp8_tflops=1979, sparse24=True, match=("H100",),
              kernel_bw=(("dense", 1, 0.732), ("dense", 4, 0.733), ("dense", 16, 0.718), ("dense", 64, 0.712),
-                        ("int4", 1, 0.387), ("int4", 4, 0.263), ("int4", 16, 0.254), ("int4", 64, 0.137),
-                        ("int4-asym", 1, 0.312), ("int4-asym", 16, 0.255),
-                        ("int8", 1, 0.528), ("int8", 4, 0.448), ("int8", 16, 0.428), ("int8", 64, 0.221),
+                        ("int4", 1, 0.531), ("int4", 4, 0.263), ("int4", 16, 0.254), ("int4", 64, 0.137),
+                        ("int4-asym", 1, 0.530), ("int4-asym", 16, 0.255),
+                        ("int8", 1, 0.550), ("int8", 4, 0.448), ("int8", 16, 0.428), ("int8", 64, 0.221),
                         ("w8a8-fp8", 1, 0.368), ("w8a8-fp8", 4, 0.364), ("w8a8-fp8", 16, 0.370),
                         ("w8a8-fp8", 64, 0.370),
                         ("w8a8-int8", 1, 0.189), ("w8a8-int8", 4, 0.179), ("w8a8-int8", 16, 0.162),
