@@ -62,8 +62,9 @@ def reference_matmul(x: torch.Tensor, q) -> torch.Tensor:
 def _words_ok(q) -> bool:
     """Same rule as w4_words.supported, without importing triton."""
     p = q.packed
+    aligned = torch.compiler.is_compiling() or p.storage_offset() % 4 == 0  # see w4_words.word_aligned
     return (q.bits in (4, 8) and p.dim() == 2 and p.shape[1] % 4 == 0 and p.stride(-1) == 1
-            and p.stride(0) % 4 == 0 and p.storage_offset() % 4 == 0
+            and p.stride(0) % 4 == 0 and aligned
             and (q.group_size >= q.in_features or q.group_size % (32 // q.bits) == 0))
 
 
