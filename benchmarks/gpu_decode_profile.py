@@ -32,7 +32,7 @@ def main():
     import torch
 
     import gpu_decode as gd
-    from core.measure.decode import StaticDecoder
+    from core.measure.decode import StaticDecoder, grouped_decode_attention
 
     dev = torch.device("cuda")
     args = types.SimpleNamespace(tiny=False, seed=0, batches=[1])
@@ -41,42 +41,49 @@ def main():
                                                                          + sys.argv[1:]),
            "layers": a.layers, "configs": {}}
     for name in a.configs.split(","):
-        model, _ = gd.build(args, name, a.layers, dev)
-        dec = StaticDecoder(model, 1, 256, use_graph=False, compile=False)
-        dec.prefill(torch.randint(0, 1000, (1, 128), device=dev))
-        ex = torch._dynamo.explain(dec._step)()
-        row = {"graphs": ex.graph_count, "graph_breaks": ex.graph_break_count,
-               "break_reasons": sorted({str(b.reason).splitlines()[0][:200] for b in ex.break_reasons})}
-        torch._dynamo.reset()
-        step = torch.compile(dec._step, mode="default", dynamic=False)
-        for _ in range(5):  # compile + warm up
-            step()
-            dec.cache.seen += 1
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(a.steps):
-                step()
-                dec.cache.seen += 1
-            torch.cuda.synchronize()
-        agg = collections.defaultdict(lambda: [0, 0.0])
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                agg[e.name[:100]][0] += 1
-                agg[e.name[:100]][1] += e.device_time_total
-        kernels = sorted(({"kernel": k, "per_step": n / a.steps, "us_per_step": t / a.steps}
-                          for k, (n, t) in agg.items()), key=lambda r: -r["us_per_step"])
-        row["kernel_us_per_step"] = sum(r["us_per_step"] for r in kernels)
-        row["kernels"] = kernels
-        out["configs"][name] = row
-        print(f"== {name}: {row['graphs']} graph(s), {row['graph_breaks']} break(s); "
-              f"{row['kernel_us_per_step']:.1f} us of kernels per step ({a.layers} layers)", flush=True)
-        for r in kernels[:15]:
-            print(f"  {r['us_per_step']:8.1f} us  x{r['per_step']:4.1f}  {r['kernel'][:80]}", flush=True)
-        del model, dec, step
+        with torch.inference_mode(), grouped_decode_attention():  # as StaticDecoder.run steps
+            out["configs"][name] = profile(a, gd, StaticDecoder, args, name, dev)
         torch._dynamo.reset()
         torch.cuda.empty_cache()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))
+
+
+def profile(a, gd, decoder_cls, args, name, dev) -> dict:
+    """Graph count and kernel breakdown of one configuration's compiled decode step."""
+    import torch
+
+    model, _ = gd.build(args, name, a.layers, dev)
+    dec = decoder_cls(model, 1, 256, use_graph=False, compile=False)
+    dec.prefill(torch.randint(0, 1000, (1, 128), device=dev))
+    ex = torch._dynamo.explain(dec._step)()
+    row = {"graphs": ex.graph_count, "graph_breaks": ex.graph_break_count,
+           "break_reasons": sorted({str(b.reason).splitlines()[0][:200] for b in ex.break_reasons})}
+    torch._dynamo.reset()
+    step = torch.compile(dec._step, mode="default", dynamic=False)
+    for _ in range(5):  # compile + warm up
+        step()
+        dec.cache.seen += 1
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(a.steps):
+            step()
+            dec.cache.seen += 1
+        torch.cuda.synchronize()
+    agg = collections.defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            agg[e.name[:100]][0] += 1
+            agg[e.name[:100]][1] += e.device_time_total
+    kernels = sorted(({"kernel": k, "per_step": n / a.steps, "us_per_step": t / a.steps}
+                      for k, (n, t) in agg.items()), key=lambda r: -r["us_per_step"])
+    row["kernel_us_per_step"] = sum(r["us_per_step"] for r in kernels)
+    row["kernels"] = kernels
+    print(f"== {name}: {row['graphs']} graph(s), {row['graph_breaks']} break(s); "
+          f"{row['kernel_us_per_step']:.1f} us of kernels per step ({a.layers} layers)", flush=True)
+    for r in kernels[:15]:
+        print(f"  {r['us_per_step']:8.1f} us  x{r['per_step']:4.1f}  {r['kernel'][:80]}", flush=True)
+    return row
 
 
 if __name__ == "__main__":
