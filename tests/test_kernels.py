@@ -268,11 +268,11 @@ def _fake_x(m, dtype=torch.bfloat16, cuda=True, kdim=256, requires_grad=False):
                            device=SimpleNamespace(index=0))
 
 
-def _fake_q(bits=4, gs=128, kdim=256, cuda=True, offset=0):
+def _fake_q(bits=4, gs=128, kdim=256, cuda=True, offset=0, zeros=None):
     row = -(-kdim * bits // 8)  # packed bytes per row
     packed = SimpleNamespace(is_cuda=cuda, shape=(8, row), dim=lambda: 2, stride=lambda d=None: (row, 1)[d],
                              storage_offset=lambda: offset)
-    return SimpleNamespace(packed=packed, bits=bits, group_size=gs, in_features=kdim, bias=None)
+    return SimpleNamespace(packed=packed, bits=bits, group_size=gs, in_features=kdim, bias=None, zeros=zeros)
 
 
 def test_dispatch_choices(monkeypatch):
@@ -289,12 +289,23 @@ def test_dispatch_choices(monkeypatch):
     transposed = _fake_q()
     transposed.packed.stride = lambda d=None: (1, 8)[d]  # a column-major buffer: no kernel reads it
     assert kernel_for(_fake_x(1), transposed) == "reference"
+    # 2 <= M <= 16, symmetric 4-bit codes, bf16 x, groups of a multiple of 128, K a multiple of 128: mma
+    assert kernel_for(_fake_x(2), _fake_q()) == "mma"
+    assert kernel_for(_fake_x(16), _fake_q(gs=256)) == "mma"
+    assert kernel_for(_fake_x(9), _fake_q(gs=256)) == "mma"  # one group per row (256 = K)
+    assert kernel_for(_fake_x(17), _fake_q()) == "gemm"
+    asym = object()  # any zeros tensor
+    assert kernel_for(_fake_x(2), _fake_q(zeros=asym)) == "gemm"
+    assert kernel_for(_fake_x(2, torch.float16), _fake_q()) == "gemm"
+    assert kernel_for(_fake_x(2), _fake_q(gs=64)) == "gemm"  # groups of 64: a 128-code chunk straddles two
+    assert kernel_for(_fake_x(2, kdim=192), _fake_q(gs=64, kdim=192)) == "gemm"  # K not a multiple of 128
+    assert kernel_for(_fake_x(2), _fake_q(bits=8)) == "gemm"
     monkeypatch.setattr(dispatch, "GEMV_MAX_M", 4)  # the shipped value (0) turns gemv off: test the rule itself
-    assert kernel_for(_fake_x(2), _fake_q()) == "gemv"
-    assert kernel_for(_fake_x(4), _fake_q()) == "gemv"
-    assert kernel_for(_fake_x(5), _fake_q()) == "gemm"
+    assert kernel_for(_fake_x(2), _fake_q(zeros=asym)) == "gemv"
+    assert kernel_for(_fake_x(4), _fake_q(zeros=asym)) == "gemv"
+    assert kernel_for(_fake_x(5), _fake_q(zeros=asym)) == "gemm"
     monkeypatch.setattr(dispatch, "GEMV_MAX_M", 0)
-    assert kernel_for(_fake_x(2), _fake_q()) == "gemm"
+    assert kernel_for(_fake_x(2), _fake_q(zeros=asym)) == "gemm"
     assert kernel_for(_fake_x(dispatch.DOT_MAX_M), _fake_q(bits=8)) == "gemm"
     assert kernel_for(_fake_x(dispatch.DOT_MAX_M + 1), _fake_q()) == "dequant+cublas"
     assert kernel_for(_fake_x(16, torch.float16), _fake_q(gs=32)) == "gemm"
@@ -385,3 +396,160 @@ def test_words_bf16_pair_constants():
         word = magic | c | (c << 16)  # what the lop3 makes of codes (c, c)
         v = torch.tensor(halves(word), dtype=torch.bfloat16)
         assert torch.equal(v * 1.0 + (-136.0), torch.tensor([c - 8.0, c - 8.0], dtype=torch.bfloat16))
+
+
+# --- w4_mma: the PTX of one chunk, run on the CPU by a small interpreter (lanes in lockstep) --------------------
+
+def _bf16(v: float) -> int:
+    return int(torch.tensor([v], dtype=torch.float32).to(torch.bfloat16).view(torch.int16).item()) & 0xFFFF
+
+
+def _from_bf16(b: int) -> float:
+    return torch.tensor([b - (b >> 15) * 65536], dtype=torch.int16).view(torch.bfloat16).item()
+
+
+def _run_chunk_asm(asm: str, operands: list[list[int]]) -> list[list[float]]:
+    """Interpret w4_mma's chunk asm for a warp: operands[lane][i] is $i (outputs first, as float, then inputs as
+    uint32). Implements exactly the instructions it uses; mma.sync gathers the 32 lanes' fragments."""
+    import re
+
+    lanes = [dict(("$" + str(i), v) for i, v in enumerate(ops)) for ops in operands]
+    stmts = [s.strip() for s in asm.strip("{} ").split(";") if s.strip() and not s.strip().startswith(".reg")]
+
+    def val(reg, r):
+        return reg[r] if r in reg else int(r, 16) if r.startswith("0x") else int(r)
+
+    for st in stmts:
+        op, args = st.split(None, 1)
+        a = [x.strip() for x in re.split(r",\s*(?![^{]*})", args)]
+        if op.startswith("mma.sync"):
+            d = [x.strip() for x in a[0].strip("{}").split(",")]
+            ar = [x.strip() for x in a[1].strip("{}").split(",")]
+            br = [x.strip() for x in a[2].strip("{}").split(",")]
+            A = torch.zeros(16, 16, dtype=torch.float64)
+            B = torch.zeros(16, 8, dtype=torch.float64)
+            C = torch.zeros(16, 8, dtype=torch.float64)
+            for ln, reg in enumerate(lanes):
+                g, t = ln // 4, ln % 4
+                for i, (row, k) in enumerate([(g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8)]):
+                    w = reg[ar[i]]
+                    A[row, k], A[row, k + 1] = _from_bf16(w & 0xFFFF), _from_bf16(w >> 16)
+                for i, k in enumerate([2 * t, 2 * t + 8]):
+                    w = reg[br[i]]
+                    B[k, g], B[k + 1, g] = _from_bf16(w & 0xFFFF), _from_bf16(w >> 16)
+                for i, (row, col) in enumerate([(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)]):
+                    C[row, col] = reg[d[i]]
+            D = A @ B + C
+            for ln, reg in enumerate(lanes):
+                g, t = ln // 4, ln % 4
+                for i, (row, col) in enumerate([(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)]):
+                    reg[d[i]] = D[row, col].item()
+            continue
+        for reg in lanes:
+            if op == "mov.b32":
+                reg[a[0]] = val(reg, a[1])
+            elif op == "mov.f32":
+                reg[a[0]] = 0.0
+            elif op == "shr.b32":
+                reg[a[0]] = val(reg, a[1]) >> int(a[2])
+            elif op == "shl.b32":
+                reg[a[0]] = (val(reg, a[1]) << int(a[2])) & 0xFFFFFFFF
+            elif op == "lop3.b32":
+                assert a[4] == "0xEA"  # (a & b) | c
+                reg[a[0]] = (val(reg, a[1]) & val(reg, a[2])) | val(reg, a[3])
+            elif op == "fma.rn.bf16x2":
+                x, y, z = (val(reg, r) for r in a[1:])
+                halves = [_bf16(_from_bf16((x >> s) & 0xFFFF) * _from_bf16((y >> s) & 0xFFFF)
+                                + _from_bf16((z >> s) & 0xFFFF)) for s in (0, 16)]
+                reg[a[0]] = halves[0] | (halves[1] << 16)
+            else:
+                raise AssertionError(f"the interpreter does not know {op}")
+    return [[reg["$" + str(i)] for i in range(len(operands[0]))] for reg in lanes]
+
+
+@pytest.mark.parametrize("nt", [1, 2])
+def test_w4_mma_chunk_asm_computes_the_tile_dot(nt):
+    """One 128-code chunk of a 16-row tile: the kernel's operand layout (words 4t..4t+3 of rows g and g + 8,
+    x pairs X[j][n][p] = x[col][32 t + 8 j + 2 p], +1) through the PTX gives sum_k (code - 8) x for every
+    (row, batch column) of the C fragments."""
+    pytest.importorskip("triton")
+    from core.kernels import w4_mma
+
+    gen = torch.Generator().manual_seed(nt)
+    codes = torch.randint(0, 16, (16, 128), generator=gen)
+    x = torch.randn(8 * nt, 128, generator=gen).to(torch.bfloat16)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)  # core.quant.packing's 4-bit layout
+    words = packed.view(torch.int32).view(16, 16).tolist()  # [row][word] (little-endian)
+    xb = x.view(torch.int16).to(torch.int32) & 0xFFFF  # bf16 bits
+    ops = []
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        lane_ops = [0.0] * (4 * nt)
+        lane_ops += [words[g][4 * t + j] & 0xFFFFFFFF for j in range(4)]
+        lane_ops += [words[g + 8][4 * t + j] & 0xFFFFFFFF for j in range(4)]
+        for j in range(4):
+            for n in range(nt):
+                for p in range(4):
+                    k = 32 * t + 8 * j + 2 * p
+                    lane_ops.append(int(xb[g + 8 * n, k]) | (int(xb[g + 8 * n, k + 1]) << 16))
+        ops.append(lane_ops)
+    out = _run_chunk_asm(w4_mma._chunk_asm(nt), ops)
+    ref = (codes.double() - 8) @ x.double().t()  # [16 rows, 8 nt batch columns]
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for n in range(nt):
+            for i, (row, col) in enumerate([(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)]):
+                assert out[lane][4 * n + i] == pytest.approx(ref[row, 8 * n + col].item(), rel=1e-9, abs=1e-9)
+
+
+@pytest.mark.parametrize("nt", [1, 2])
+def test_w4_mma_asm_gets_the_lane_layout(nt):
+    """The chunk asm is only right if warp w, lane l holds elements [0..3, 32 w + l] of its [4, 32 NW] operands:
+    compile the kernel for sm_90 with the installed Triton (no GPU needed) and check the inline asm's layout."""
+    triton = pytest.importorskip("triton")
+    import re
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from core.kernels import w4_mma
+
+    nw = 4
+    sig = {"x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "y_ptr": "*fp32", "M": "i32", "N": "i32", "K2": "i32",
+           "KW": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_ym": "i32",
+           "stride_ys": "i32", "NW": "constexpr", "CHUNKS": "constexpr", "NT": "constexpr", "SPLIT_K": "constexpr",
+           "GPC": "constexpr", "TILES": "constexpr"}
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("x_ptr", "w_ptr", "s_ptr", "y_ptr", "stride_wn")}
+    src = ASTSource(fn=w4_mma._mma_kernel, signature=sig, attrs=attrs,
+                    constexprs={"NW": nw, "CHUNKS": 2, "NT": nt, "SPLIT_K": 2, "GPC": 1, "TILES": 2})
+    try:
+        ttgir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": nw}).asm["ttgir"]
+    except Exception as e:  # noqa: BLE001  (no CUDA toolchain in this Triton build)
+        pytest.skip(f"cannot compile for sm_90 here: {e!r}"[:200])
+    layouts = dict(re.findall(r"^(#\w+) = (#ttg\.blocked<.*>)$", ttgir, re.M))
+    ops = re.findall(r"tt\.elementwise_inline_asm.*", ttgir)
+    assert len(ops) == 2  # one per tile
+    used = {lay for op in ops for lay in re.findall(r"tensor<4x128x\w+, (#\w+)>", op)}
+    assert used, ops[0][-300:]
+    want = f"sizePerThread = [4, 1], threadsPerWarp = [1, 32], warpsPerCTA = [1, {nw}], order = [0, 1]"
+    for name in used:
+        assert want in layouts[name], (name, layouts[name])
+
+
+def test_w4_mma_rules_and_refusals():
+    pytest.importorskip("triton")
+    from core.kernels import w4_mma
+
+    rule = w4_mma.default_config
+    assert rule(16, 14336, 4096) == {"NW": 4, "SPLIT_K": 4, "num_warps": 4, "TILES": 2}  # gate/up, the H100 best
+    assert rule(4, 14336, 4096)["TILES"] == 1 and rule(16, 4096, 14336)["SPLIT_K"] == 8
+    q = _layer(32, 256, 4, 128, True)
+    ok = dict(packed=q.packed, scales=q.scales, group_size=128, n_out=32)
+    for x, why in [(_x(1, 256, torch.bfloat16), "M=1"), (_x(17, 256, torch.bfloat16), "M=17"),
+                   (_x(4, 256, torch.float16), "float16")]:
+        with pytest.raises(ValueError, match="w4_mma takes"):
+            w4_mma.matmul(x, **ok)
+    q64 = _layer(32, 256, 4, 64, True)
+    with pytest.raises(ValueError, match="groups of a multiple of 128"):
+        w4_mma.matmul(_x(4, 256, torch.bfloat16), q64.packed, q64.scales, 64, 32)

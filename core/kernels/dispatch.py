@@ -4,6 +4,8 @@ scales, zeros, bits, group_size, in_features, out_features, bias, qweight) by de
   reference        dequantize to the input dtype, then F.linear (any device, any format): the oracle
   gemv_words       Triton, M == 1, 4/8-bit rows of whole 32-bit words (w4_words.py): CUDA-core FMAs on codes
                    taken from 32-bit words in the load's register layout
+  mma              Triton + PTX mma.sync, 2 <= M <= MMA_MAX_M, symmetric 4-bit codes, bf16 x, groups of a
+                   multiple of 128 (w4_mma.py): codes made into bf16 pairs in registers feed the tensor cores
   gemv             Triton, M <= GEMV_MAX_M: streams the packed weight once, CUDA-core FMAs
   gemm             Triton, GEMV_MAX_M < M <= DOT_MAX_M: tensor cores, tiles dequantized in registers,
                    split-K at decode sizes
@@ -12,7 +14,8 @@ scales, zeros, bits, group_size, in_features, out_features, bias, qweight) by de
 The thresholds come from benchmarks/gpu_kernels.py on an H200 (benchmarks/results/gpu_kernels.json): the
 tensor-core kernel with split-K beat the CUDA-core GEMV at every M on the Llama-3-8B shapes, so GEMV_MAX_M = 0
 (gemv stays callable with path="gemv"); above M = 64 dequantize + cuBLAS beat our fused GEMM. At M = 1,
-gemv_words beat both on an H100 (benchmarks/gpu_w4_words.py).
+gemv_words beat both on an H100 (benchmarks/gpu_w4_words.py); at 2 <= M <= 16, mma beat gemm on every Llama-3-8B
+shape (benchmarks/gpu_w4_mma.py).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 KERNEL_BITS = (4, 8)
+MMA_MAX_M = 16
 GEMV_MAX_M = 0
 DOT_MAX_M = 64
 _FLOAT16 = (torch.float16, torch.bfloat16)
@@ -68,8 +72,16 @@ def _words_ok(q) -> bool:
             and (q.group_size >= q.in_features or q.group_size % (32 // q.bits) == 0))
 
 
+def _mma_ok(q, m: int, dtype: torch.dtype) -> bool:
+    """Same rule as w4_mma.supported, without importing triton."""
+    p = q.packed
+    return (q.bits == 4 and q.zeros is None and dtype == torch.bfloat16 and 2 <= m <= MMA_MAX_M
+            and q.in_features % 128 == 0 and (q.group_size >= q.in_features or q.group_size % 128 == 0)
+            and p.dim() == 2 and p.stride(-1) == 1 and p.shape[1] * 2 == q.in_features)
+
+
 def kernel_for(x: torch.Tensor, q) -> str:
-    """The path quant_matmul(x, q) takes: 'gemv_words', 'gemv', 'gemm', 'dequant+cublas' or 'reference'."""
+    """The path quant_matmul(x, q) takes: 'gemv_words', 'mma', 'gemv', 'gemm', 'dequant+cublas' or 'reference'."""
     if torch.is_grad_enabled() and (x.requires_grad or (q.bias is not None and q.bias.requires_grad)):
         return "reference"  # the kernels have no backward
     if not (x.is_cuda and q.packed.is_cuda and x.dtype in _FLOAT16 and q.bits in KERNEL_BITS
@@ -80,6 +92,8 @@ def kernel_for(x: torch.Tensor, q) -> str:
         return "reference"
     if m == 1 and _words_ok(q) and ("gemv_words", x.device.index, q.bits, x.dtype) not in _failed:
         return "gemv_words"
+    if _mma_ok(q, m, x.dtype) and ("mma", x.device.index, q.bits, x.dtype) not in _failed:
+        return "mma"
     if not _group_ok(q.bits, q.group_size, q.in_features):
         return "reference"
     path = "gemv" if m <= GEMV_MAX_M else "gemm" if m <= DOT_MAX_M else "dequant+cublas"
@@ -106,6 +120,10 @@ def quant_matmul(x: torch.Tensor, q, path: str | None = None) -> torch.Tensor:
             from . import w4_words
 
             y = w4_words.gemv(x2, *args, q.out_features, bias)
+        elif path == "mma":
+            from . import w4_mma
+
+            y = w4_mma.matmul(x2, q.packed, q.scales, q.group_size, q.out_features, bias)
         elif path == "gemv":
             y = w4a16.gemv(x2, *args, q.out_features, bias)
         elif path == "gemm":
