@@ -212,6 +212,7 @@ def ceilings():
 CORRECT = [  # N, K, group (None = per-channel), bits, symmetric, bias; most telling first (a run may stop early)
     (333, 576, 128, 4, False, True),   # K = 4 x 128 + 64: the last group is shorter
     (300, 1001, None, 4, False, True),  # per-channel, odd K (half-used last byte)
+    (333, 640, 128, 4, True, True),    # symmetric, odd N, K = 5 x 128, bias: the mma path at 2 <= M <= 16
     (4096, 4096, 128, 4, True, False),
     (768, 1000, 64, 4, False, False),   # K = 15 x 64 + 40
     (333, 576, 128, 8, False, True),
@@ -245,7 +246,8 @@ def correctness(quick, deadline):
                 ref = x.float() @ w32.t() + (0 if q.bias is None else q.bias.float())
                 tol = 1.2e-2 if dtype == torch.bfloat16 else 3e-3
                 paths = (["gemv"] if m <= 8 else []) + ["gemm"] + (["dequant+cublas"] if m >= 16 else []) + \
-                    (["gemv_words"] if m == 1 and dispatch._words_ok(q) else [])
+                    (["gemv_words"] if m == 1 and dispatch._words_ok(q) else []) + \
+                    (["mma"] if dispatch._mma_ok(q, m, dtype) else [])
                 row = {"N": n, "K": k, "group": gs, "bits": bits, "sym": sym, "bias": bias, "dtype": str(dtype)[6:],
                        "M": m, "errors": {}}
                 for p in paths + ["reference"]:
