@@ -172,7 +172,7 @@ def test_calibrated_decode_by_hand():
     wb = cm.weight_bytes(L8, w4)
     kv = 131072 * 1.5
     peak = 3350e9
-    lin = wb["linear"] / (peak * 0.531)
+    lin = wb["linear"] / (peak * 0.535)
     rest = (wb["read_per_step"] - wb["linear"]) / (peak * 0.732)
     e = cm.estimate(L8, w4, CAL, batch=1, prompt_len=1, gen_tokens=1)
     assert e.decode_ms == pytest.approx((lin + rest + kv / BW + 32 * 77e-6) * 1e3, rel=1e-9)
@@ -398,3 +398,11 @@ def test_cli_cost_errors_are_clear(store, capsys):
     assert "batch size must be an integer >= 1" in capsys.readouterr().err
     assert main(["cost", "--list"]) == 0
     assert "H100 SXM (slimlm kernels, measured)" in capsys.readouterr().out
+
+
+def test_compiled_step_profile_differs_only_in_the_layer_overhead():
+    comp = cm.PRESET_HARDWARE["H100 SXM (slimlm kernels, compiled step)"]
+    assert comp.kernel_bw == CAL.kernel_bw and comp.layer_overhead_us < CAL.layer_overhead_us
+    for s in (BF16, cm.weight_only(4, 128), cm.w8a8("fp8")):
+        gap = cm.estimate(L8, s, CAL, 1, 128, 64).decode_ms - cm.estimate(L8, s, comp, 1, 128, 64).decode_ms
+        assert gap == pytest.approx(32 * (CAL.layer_overhead_us - comp.layer_overhead_us) * 1e-3, rel=1e-9)

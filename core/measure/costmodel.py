@@ -375,6 +375,17 @@ def cpu_profile(name: str = "CPU server (32 cores, 8x DDR5-4800)", cores: int = 
                     memory_gb=memory_gb, price_per_hour=price_per_hour, int8_tops=4 * fp32)
 
 
+# Achieved fraction of peak bandwidth of a Llama-3-8B layer's weight matmuls (q, k, v, o, gate, up, down) per
+# format and decode batch, slimlm's kernels on an H100 (see the calibrated presets below).
+_H100_KERNEL_BW = (("dense", 1, 0.732), ("dense", 4, 0.733), ("dense", 16, 0.718), ("dense", 64, 0.712),
+                   ("int4", 1, 0.535), ("int4", 4, 0.356), ("int4", 16, 0.280), ("int4", 64, 0.137),
+                   ("int4-asym", 1, 0.530), ("int4-asym", 16, 0.255),
+                   ("int8", 1, 0.550), ("int8", 4, 0.448), ("int8", 16, 0.428), ("int8", 64, 0.221),
+                   ("w8a8-fp8", 1, 0.368), ("w8a8-fp8", 4, 0.364), ("w8a8-fp8", 16, 0.370), ("w8a8-fp8", 64, 0.370),
+                   ("w8a8-int8", 1, 0.189), ("w8a8-int8", 4, 0.179), ("w8a8-int8", 16, 0.162),
+                   ("w8a8-int8", 64, 0.153))
+
+
 PRESET_HARDWARE: dict[str, Hardware] = {h.name: h for h in (
     # NVIDIA H100 SXM5 datasheet: 80 GB HBM3 at 3.35 TB/s; BF16 1,979 / FP8 3,958 / INT8 3,958 TFLOPS
     # "with sparsity" -> half dense; FP32 67 TFLOPS. ~$3/h on-demand (specialised clouds, 2024-25).
@@ -392,21 +403,20 @@ PRESET_HARDWARE: dict[str, Hardware] = {h.name: h for h in (
     # The H100 as slimlm's own kernels and CUDA-graph decode loop run on it (measured 2026-11-26,
     # benchmarks/RESULTS.md "Cost model calibrated to slimlm's kernels"): the achieved bandwidth of the weight
     # matmuls of a Llama-3-8B layer (q, k, v, o, gate, up, down at their shapes) per format and batch, from
-    # benchmarks/gpu_kernels.py (results/gpu_kernels_h100.json; weight-only at batch 1 after the word-reading GEMV's
-    # bf16-pair loop, session 5: results/gpu_kernels_h100_pairs.json), and the per-layer step overhead fitted to one
+    # benchmarks/gpu_kernels.py (results/gpu_kernels_h100.json; session 5: int4 from results/gpu_kernels_h100_mma.json
+    # (bf16-pair GEMV at batch 1, mma kernel at 2..16), int4-asym / int8 at batch 1 from
+    # results/gpu_kernels_h100_pairs.json), and the per-layer step overhead fitted to one
     # decode measurement (bf16, batch 1, results/gpu_decode_w4_words.json).
     Hardware("H100 SXM (slimlm kernels, measured)", "gpu", 3350, 989.5, 67, 80, 3.0, int8_tops=1979,
              fp8_tflops=1979, sparse24=True, match=("H100",),
-             kernel_bw=(("dense", 1, 0.732), ("dense", 4, 0.733), ("dense", 16, 0.718), ("dense", 64, 0.712),
-                        ("int4", 1, 0.531), ("int4", 4, 0.263), ("int4", 16, 0.254), ("int4", 64, 0.137),
-                        ("int4-asym", 1, 0.530), ("int4-asym", 16, 0.255),
-                        ("int8", 1, 0.550), ("int8", 4, 0.448), ("int8", 16, 0.428), ("int8", 64, 0.221),
-                        ("w8a8-fp8", 1, 0.368), ("w8a8-fp8", 4, 0.364), ("w8a8-fp8", 16, 0.370),
-                        ("w8a8-fp8", 64, 0.370),
-                        ("w8a8-int8", 1, 0.189), ("w8a8-int8", 4, 0.179), ("w8a8-int8", 16, 0.162),
-                        ("w8a8-int8", 64, 0.153)),
-             layer_overhead_us=77.0,
+             kernel_bw=_H100_KERNEL_BW, layer_overhead_us=77.0,
              calibration="slimlm's Triton/cuBLAS kernels and CUDA-graph decode loop on an H100 80GB HBM3, "
+                         "measured 2026-11-26"),
+    # The same kernels with the decode step torch.compile'd before graph capture (the small ops fused): the
+    # per-layer overhead fitted to bf16 batch 1 compiled + graph (6.87 ms/step, results/gpu_decode_w4_mma.json).
+    Hardware("H100 SXM (slimlm kernels, compiled step)", "gpu", 3350, 989.5, 67, 80, 3.0, int8_tops=1979,
+             fp8_tflops=1979, sparse24=True, match=("H100",), kernel_bw=_H100_KERNEL_BW, layer_overhead_us=23.2,
+             calibration="slimlm's Triton/cuBLAS kernels and compiled CUDA-graph decode loop on an H100 80GB HBM3, "
                          "measured 2026-11-26"),
     # A generic x86 server: 32 cores at 2.5 GHz with AVX-512, 8 channels of DDR5-4800 (307 GB/s),
     # ~$2.9/h (a 64-vCPU on-demand instance). All editable.
