@@ -77,7 +77,7 @@ def _mma_ok(q, m: int, dtype: torch.dtype) -> bool:
     p = q.packed
     return (q.bits == 4 and q.zeros is None and dtype == torch.bfloat16 and 2 <= m <= MMA_MAX_M
             and q.in_features % 128 == 0 and (q.group_size >= q.in_features or q.group_size % 128 == 0)
-            and p.dim() == 2 and p.stride(-1) == 1 and p.shape[1] * 2 == q.in_features)
+            and p.dim() == 2 and p.stride(-1) == 1 and p.stride(0) % 16 == 0 and p.shape[1] * 2 == q.in_features)
 
 
 def kernel_for(x: torch.Tensor, q) -> str:
