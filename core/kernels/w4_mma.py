@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .w4_words import _sum_splits_kernel
+
 # One chunk (8 mma k-steps) for one or two n8 tiles of the batch. Operands (pack = 4: 4 elements per thread each):
 # outputs C0 (n-tile 0) $0..$3 [, C1 $4..$7], then words 0..3 of row g, words 0..3 of row g + 8, then the x pairs
 # X[j][n] (j = word 0..3, n = n-tile): element p = x[col][k], x[col][k + 1] (bf16) at the codes of pair p of word j.
@@ -158,17 +160,6 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K2, KW, stride_xm, stride_wn, 
         _store_tile(out, acc2, acc3, row0 + 16, e, t, M, N, stride_ym, NT, SPLIT_K > 1)
 
 
-@triton.jit
-def _sum_splits_2d(p_ptr, y_ptr, MN, stride_ps, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-    """y = sum_s partial[s] over a contiguous [M, N] block, cast to y's dtype."""
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < MN
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for sp in tl.static_range(SPLIT_K):
-        acc += tl.load(p_ptr + sp * stride_ps + i, mask=mask, other=0.0)
-    tl.store(y_ptr + i, acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
 def supported(bits: int, group_size: int, in_features: int, has_zeros: bool, packed: torch.Tensor,
               m: int, dtype: torch.dtype) -> bool:
     """4-bit symmetric codes, bf16 x, 2 <= M <= 16, K a multiple of 128, groups of a multiple of 128 (or one per
@@ -217,8 +208,9 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_si
                       n_out, stride_ys, NW=cfg["NW"], CHUNKS=chunks // split, NT=nt, SPLIT_K=split, GPC=gpc, TILES=cfg["TILES"],
                       num_warps=cfg["num_warps"], num_stages=1)
     if split > 1:
-        out = torch.empty(m, n_out, device=x.device, dtype=x.dtype)
-        _sum_splits_2d[(triton.cdiv(m * n_out, 1024),)](y, out, m * n_out, stride_ys, SPLIT_K=split, BLOCK=1024)
+        out = torch.empty(m, n_out, device=x.device, dtype=x.dtype)  # partials [split, M, N] read as [split, M N]
+        _sum_splits_kernel[(triton.cdiv(m * n_out, 1024),)](y, y, out, m * n_out, stride_ys, SPLIT_K=split,
+                                                            HAS_BIAS=False, BLOCK=1024)
         y = out
     if bias is not None:
         y = y + bias.to(y.dtype)

@@ -39,9 +39,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
-def _code_f32(wu, i: tl.constexpr, BITS: tl.constexpr):
+def _code_f32(wu, i: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr):
     """Code i of each uint32 word as an exact float32, without an int->float conversion: a 4-bit code moved to
-    bits 16..19 of 0x43000000 is 128 + code; an 8-bit code moved to bits 15..22 is 128 + code / 2."""
+    bits 16..19 of 0x43000000 is 128 + code; an 8-bit code moved to bits 15..22 is 128 + code / 2. USE_ASM (GPU):
+    the mask-and-merge as ONE lop3 (ptxas emits two LOP3s for (t & m) | c with two immediates)."""
     if BITS == 4:
         if i < 4:
             t = wu << (16 - 4 * i)
@@ -49,12 +50,22 @@ def _code_f32(wu, i: tl.constexpr, BITS: tl.constexpr):
             t = wu
         else:
             t = wu >> (4 * i - 16)
-        return ((t & 0x000F0000) | 0x43000000).to(tl.float32, bitcast=True)
-    if i < 2:
-        t = wu << (15 - 8 * i)
+        if USE_ASM:
+            v = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F0000, 0x43000000, 0xEA;", "=r,r", [t],
+                                          dtype=tl.uint32, is_pure=True, pack=1)
+        else:
+            v = (t & 0x000F0000) | 0x43000000
     else:
-        t = wu >> (8 * i - 15)
-    return ((t & 0x007F8000) | 0x43000000).to(tl.float32, bitcast=True)
+        if i < 2:
+            t = wu << (15 - 8 * i)
+        else:
+            t = wu >> (8 * i - 15)
+        if USE_ASM:
+            v = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x007F8000, 0x43000000, 0xEA;", "=r,r", [t],
+                                          dtype=tl.uint32, is_pure=True, pack=1)
+        else:
+            v = (t & 0x007F8000) | 0x43000000
+    return v.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -176,15 +187,15 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
         if PAIRS:  # sum (c - 8) x (symmetric) or sum c x
             part = _word_dot_bf16x2(u, x04[None, :], x15[None, :], x26[None, :], x37[None, :])
         else:
-            part = init[None, :] + _code_f32_asm(u, 0, BITS, USE_ASM) * x0[None, :]  # one FMA per code
-            part += _code_f32_asm(u, 1, BITS, USE_ASM) * x1[None, :]
-            part += _code_f32_asm(u, 2, BITS, USE_ASM) * x2[None, :]
-            part += _code_f32_asm(u, 3, BITS, USE_ASM) * x3[None, :]
+            part = init[None, :] + _code_f32(u, 0, BITS, USE_ASM) * x0[None, :]  # one FMA per code
+            part += _code_f32(u, 1, BITS, USE_ASM) * x1[None, :]
+            part += _code_f32(u, 2, BITS, USE_ASM) * x2[None, :]
+            part += _code_f32(u, 3, BITS, USE_ASM) * x3[None, :]
             if BITS == 4:
-                part += _code_f32_asm(u, 4, BITS, USE_ASM) * x4[None, :]
-                part += _code_f32_asm(u, 5, BITS, USE_ASM) * x5[None, :]
-                part += _code_f32_asm(u, 6, BITS, USE_ASM) * x6[None, :]
-                part += _code_f32_asm(u, 7, BITS, USE_ASM) * x7[None, :]
+                part += _code_f32(u, 4, BITS, USE_ASM) * x4[None, :]
+                part += _code_f32(u, 5, BITS, USE_ASM) * x5[None, :]
+                part += _code_f32(u, 6, BITS, USE_ASM) * x6[None, :]
+                part += _code_f32(u, 7, BITS, USE_ASM) * x7[None, :]
         if GW > 0:  # sum each group's words first, then one scale (and zero) per (row, group)
             pg = tl.sum(tl.reshape(part, [BN, BKW // GW, GW]), axis=2)
             gmask = nmask[:, None] & (gi * GW < KW)[None, :]
@@ -216,30 +227,6 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
         else:
             tl.store(y_ptr + pid_k * stride_ys + rn, y, mask=nmask)
         wu = wn
-
-
-@triton.jit
-def _code_f32_asm(wu, i: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr):
-    """_code_f32 with the mask-and-merge as ONE lop3 (ptxas emits two LOP3s for (t & m) | c with two immediates)."""
-    if not USE_ASM:
-        return _code_f32(wu, i, BITS)
-    if BITS == 4:
-        if i < 4:
-            t = wu << (16 - 4 * i)
-        elif i == 4:
-            t = wu
-        else:
-            t = wu >> (4 * i - 16)
-        v = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F0000, 0x43000000, 0xEA;", "=r,r", [t],
-                                      dtype=tl.uint32, is_pure=True, pack=1)
-    else:
-        if i < 2:
-            t = wu << (15 - 8 * i)
-        else:
-            t = wu >> (8 * i - 15)
-        v = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x007F8000, 0x43000000, 0xEA;", "=r,r", [t],
-                                      dtype=tl.uint32, is_pure=True, pack=1)
-    return v.to(tl.float32, bitcast=True)
 
 
 @triton.jit
