@@ -63,7 +63,8 @@ def main():
             ref = x.float() @ q.qweight.dequantize(torch.float32).t()
             r = {"shape": name, "N": n, "K": k, "M": m, "us": {}, "sweep": {}, "rel_err": {}}
             r["us"]["bf16"] = gk.graph_time([lambda d=d: F.linear(x, d.weight) for d in dense])
-            r["us"]["gemm (older kernel)"] = gk.graph_time([lambda qq=qq: quant_matmul(x, qq, path="gemm") for qq in qs])
+            r["us"]["gemm (older kernel)"] = gk.graph_time([lambda qq=qq: quant_matmul(x, qq, path="gemm")
+                                                            for qq in qs])
             r["us"]["dispatch"] = gk.graph_time([lambda qq=qq: quant_matmul(x, qq) for qq in qs])
             r["dispatch_path"] = kernel_for(x, q)
             d = w4_mma.default_config(m, n, k)

@@ -179,7 +179,8 @@ def test_words_default_tiles_follow_the_sweep():
     assert rule(4096, 14336) == {"ROWS": 16, "BN": 4, "BKW": 256, "num_warps": 2, "num_stages": 1}  # down: 7 chunks
     assert rule(4096, 4096)["ROWS"] == 8 and rule(1024, 4096)["ROWS"] == 8
     assert rule(576, 576)["BKW"] == 128  # a short row is not padded to 512 words
-    pairs = {"gate/up": rule(14336, 4096, 4, True), "down": rule(4096, 14336, 4, True), "q/o": rule(4096, 4096, 4, True)}
+    pairs = {"gate/up": rule(14336, 4096, 4, True), "down": rule(4096, 14336, 4, True),
+             "q/o": rule(4096, 4096, 4, True)}
     assert pairs["gate/up"] == {"ROWS": 32, "BN": 8, "BKW": 512, "num_warps": 8, "num_stages": 1}
     assert pairs["down"] == {"ROWS": 32, "BN": 8, "BKW": 256, "num_warps": 4, "num_stages": 1}
     assert pairs["q/o"]["ROWS"] == 8 and pairs["q/o"]["num_warps"] == 8

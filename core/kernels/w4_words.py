@@ -23,9 +23,9 @@ over programs, whose float32 partials one small kernel sums (+ bias, cast).
 Tried and dropped on an H100 (benchmarks/RESULTS.md): a version whose programs walk K with x loaded per step
 (x reached each thread through shared memory every step; 1.65-1.78x bf16), tensor-core versions that feed tl.dot
 per nibble position (0.5-0.94x bf16), four words per thread as a 3-D tile with one scale per quad (Triton put the
-warps on rows, 255 registers: slower) a second block of rows in flight (slower: 18.0 vs 14.2 us on gate/up), two words per bf16 accumulation (1-2 %
-faster, relative error 3.8e-3 instead of 3.0e-3: not kept) and loads left to Triton's software pipeline (it does
-not pipeline loads that feed no tl.dot).
+warps on rows, 255 registers: slower), a second block of rows in flight (slower: 18.0 vs 14.2 us on gate/up), two
+words per bf16 accumulation (1-2 % faster, relative error 3.8e-3 instead of 3.0e-3: not kept) and loads left to
+Triton's software pipeline (it does not pipeline loads that feed no tl.dot).
 """
 from __future__ import annotations
 
