@@ -151,3 +151,20 @@ def test_decode_equals_generate_with_w8a8_layers(scheme):
     ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
     toks, _ = decode(model, ids, 16)
     assert torch.equal(toks, _generate(model, ids, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [5000, 128256, 4096 * 3 + 17])
+def test_greedy_token_is_the_first_maximum(dtype, vocab):
+    """The two-stage argmax gives Tensor.argmax's index, ties included: within a chunk, across chunks, and in
+    the padded last chunk."""
+    from core.measure.decode import ARGMAX_CHUNK, greedy_token
+
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(4, vocab, generator=g).to(dtype)
+    logits[1, [7, 8]] = 50.0  # tie inside one chunk
+    logits[2, [ARGMAX_CHUNK + 3, vocab - 1, 2 * ARGMAX_CHUNK]] = 50.0  # ties across chunks, one in the last
+    logits[3, vocab - 1] = 60.0  # the maximum in the (padded) last chunk
+    got = greedy_token(logits)
+    assert got.shape == (4, 1)
+    assert torch.equal(got, logits.argmax(-1, keepdim=True))
