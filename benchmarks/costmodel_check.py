@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,7 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 from core.measure import costmodel as cm  # noqa: E402
 
-SETTINGS = {"bf16": cm.float_setting("bf16"), "w4a16": cm.weight_only(4, 128), "fp8": cm.w8a8("fp8")}
+SETTINGS = {"bf16": cm.float_setting("bf16"), "w4a16": cm.weight_only(4, 128), "fp8": cm.w8a8("fp8"),
+            "w4a16-head": replace(cm.weight_only(4, 128), quantize_lm_head=True)}
 
 
 def main():
