@@ -160,6 +160,10 @@ def measure_latency(model, prompt: torch.Tensor, decode_tokens: int, batch_sizes
         if progress:
             progress("latency", done, total)
 
+    if device.type == "cuda":  # the same fused norm / SiLU kernels (and FP8 quantization in them) for every model
+        from ..fusion import fuse_producers
+
+        fuse_producers(model)
     static = device.type == "cuda" if static_decode is None else static_decode
     res, warnings = None, []
     if static:

@@ -36,6 +36,7 @@ INT8_MAX = 127
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 SCHEMES = ("int8", "fp8")
+FUSED_CODES = "_slimlm_fp8_codes"  # attribute of a tensor carrying its per-token FP8 codes: (codes [M, K], scale [M, 1])
 
 
 # --- quantization (pure functions) ---------------------------------------------------------------
@@ -334,6 +335,20 @@ class FP8Linear(W8A8Linear):
         xq, xs = quantize_activations_fp8(x, self.fast)
         return fp8_matmul(xq, xs, self.qweight, self.weight_scale, self.fast, out_dtype=x.dtype)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # codes a fused producer attached to its output (core.fusion): the same numbers as quantizing x
+        pre = getattr(x, FUSED_CODES, None) if self.fast and not torch.compiler.is_compiling() else None
+        if pre is None:
+            return super().forward(x)
+        return self.forward_quantized(*pre, x.shape[:-1], x.dtype)
+
+    def forward_quantized(self, xq: torch.Tensor, xs: torch.Tensor, lead_shape, dtype: torch.dtype) -> torch.Tensor:
+        """The layer on an input already quantized per token: codes [M, in], float32 scale [M, 1]."""
+        y = fp8_matmul(xq, xs, self.qweight, self.weight_scale, self.fast, out_dtype=dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(dtype).view(*lead_shape, self.out_features)
+
 
 def replace_with_w8a8(model: nn.Module, name: str, linear: nn.Linear, scheme: str,
                       weight: torch.Tensor | None = None, scale: torch.Tensor | None = None, **extra) -> dict:
@@ -405,6 +420,40 @@ def _scales_with_weight(norm: nn.Module) -> bool:
 
 
 @torch.no_grad()
+def trace_consumers(model: nn.Module, producers: dict[str, nn.Module],
+                    consumers: dict[str, nn.Module]) -> dict[str, list[str]]:
+    """{producer name: [consumer names]}: which consumers' first input is the very tensor a producer output, in
+    one short forward of the model (4 tokens) with hooks; producers that feed none are left out."""
+    owner: dict[int, str] = {}
+    keep: list[torch.Tensor] = []  # hold outputs so their ids are not reused during the forward
+    fed: dict[str, list[str]] = {}
+
+    def on_producer(name):
+        def hook(_m, _args, out):
+            if isinstance(out, torch.Tensor):
+                owner[id(out)] = name
+                keep.append(out)
+        return hook
+
+    def on_consumer(name):
+        def hook(_m, args):
+            src = owner.get(id(args[0])) if args else None
+            if src is not None and name not in fed.setdefault(src, []):
+                fed[src].append(name)
+        return hook
+
+    handles = [m.register_forward_hook(on_producer(n)) for n, m in producers.items()]
+    handles += [m.register_forward_pre_hook(on_consumer(n)) for n, m in consumers.items()]
+    try:
+        device = next(model.parameters()).device
+        model(input_ids=torch.ones(1, 4, dtype=torch.long, device=device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return fed
+
+
+@torch.no_grad()
 def smoothing_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
     """(producer, [linears]) pairs SmoothQuant can fold into, found from the model itself:
     - a norm whose output tensor is the input of linears (traced by one short forward with hooks), e.g.
@@ -419,32 +468,7 @@ def smoothing_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
     Assumes a norm's output feeds nothing but those linears (true for pre-norm transformers)."""
     norms = {n: m for n, m in model.named_modules() if _is_norm(m)}
     linears = dict(find_linears(model))
-    owner: dict[int, str] = {}
-    keep: list[torch.Tensor] = []  # hold outputs so their ids are not reused during the forward
-    fed: dict[str, list[str]] = {}
-
-    def on_norm(name):
-        def hook(_m, _args, out):
-            if isinstance(out, torch.Tensor):
-                owner[id(out)] = name
-                keep.append(out)
-        return hook
-
-    def on_linear(name):
-        def hook(_m, args):
-            src = owner.get(id(args[0])) if args else None
-            if src is not None and name not in fed.setdefault(src, []):
-                fed[src].append(name)
-        return hook
-
-    handles = [m.register_forward_hook(on_norm(n)) for n, m in norms.items()]
-    handles += [m.register_forward_pre_hook(on_linear(n)) for n, m in linears.items()]
-    try:
-        device = next(model.parameters()).device
-        model(input_ids=torch.ones(1, 4, dtype=torch.long, device=device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    fed = trace_consumers(model, norms, linears)
     groups = [(n, fed[n]) for n in norms if n in fed and _scales_with_weight(norms[n])]
     for name, _ in model.named_modules():
         p = f"{name}." if name else ""
