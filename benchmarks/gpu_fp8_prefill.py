@@ -1,13 +1,14 @@
-"""FP8 W8A8 prefill per layer on Llama-3-8B shapes (issue 6: "FP8 W8A8 prefill (M >= 2048) >= 1.6x bf16").
+"""FP8 W8A8 prefill on Llama-3-8B shapes (issue 6: "FP8 W8A8 prefill (M >= 2048) >= 1.6x bf16").
 
   python3 benchmarks/gpu_fp8_prefill.py --out DIR/gpu_fp8_prefill.json
 
 For each shape and M: bf16 F.linear (cuBLAS) against slimlm's FP8Linear forward (bf16 in and out: the per-token
 activation quantization kernel, core.kernels.fp8_quant, then torch._scaled_mm with row-wise scales writing bf16),
 with fast accumulation (the default, w8a8.FP8_FAST_ACCUM) and without; the quantization kernel and the GEMM alone;
-the PyTorch quantization for contrast. Then one transformer layer's seven linears in call order (q, k, v on the
-normed input, o on the attention output, gate and up, down on the 14336-wide product), bf16 against FP8: what a
-prefill of the whole model spends in its linears.
+the PyTorch quantization for contrast. Then one decoder layer without attention (layer_row: norms, the seven
+linears, SiLU * up) bf16 vs FP8 vs FP8 with the quantization fused into the norms and SiLU (core.fusion),
+and the whole model's prefill (model_rows: Llama-3-8B, random weights, eager forward) bf16 vs FP8 fused / unfused,
+both with slimlm's norm and SiLU kernels (and bf16 with transformers' own for contrast).
 
 Timing: GPU time of a CUDA graph holding --reps calls (inputs rotated over 3 buffers), median of 15 replays,
 so Python and launch overheads are out (prefill's kernels are long enough for the host to run ahead: the
@@ -120,28 +121,113 @@ def shape_row(name, n, k, m, dev, reps):
 
 
 def layer_row(m, dev, reps):
-    """One Llama-3-8B decoder layer's linears, in call order, bf16 vs FP8 (each linear quantizes its input)."""
+    """One Llama-3-8B decoder layer without attention: two RMSNorms, the seven linears in call order and SiLU * up,
+    bf16 vs FP8 with each linear quantizing its input vs FP8 with the quantization fused into the norms and the
+    SiLU product (core.fusion: q/k/v and gate/up share their norm's codes; o still quantizes the
+    attention output). The norms and SiLU run slimlm's kernels in all three (without quantization for the first
+    two), so only the quantization differs."""
+    from core.kernels.fp8_quant import rmsnorm_fp8, silu_mul_fp8
+    from core.fusion import fused_kernels_ok
+
     h, kv, inter = 4096, 1024, 14336
     specs = {"q": (h, h), "k": (kv, h), "v": (kv, h), "o": (h, h), "gate": (inter, h), "up": (inter, h),
              "down": (h, inter)}
     lins = {n: torch.nn.Linear(i, o, bias=False, device=dev, dtype=torch.bfloat16) for n, (o, i) in specs.items()}
     fp8 = {n: w8a8.FP8Linear.from_linear(lin).to(dev) for n, lin in lins.items()}
-    inputs = [(torch.randn(m, h, device=dev, dtype=torch.bfloat16), torch.randn(m, h, device=dev, dtype=torch.bfloat16),
-               torch.randn(m, h, device=dev, dtype=torch.bfloat16), torch.randn(m, inter, device=dev, dtype=torch.bfloat16))
-              for _ in range(2)]
+    norm_w = [torch.rand(h, device=dev, dtype=torch.bfloat16) + 0.5 for _ in range(2)]
+    inputs = [tuple(torch.randn(m, h, device=dev, dtype=torch.bfloat16) for _ in range(3)) for _ in range(2)]
 
     def run(mods):
         def call(xs):
-            x, a, x2, act = xs
-            mods["q"](x), mods["k"](x), mods["v"](x), mods["o"](a), mods["gate"](x2), mods["up"](x2), mods["down"](act)
+            x, a, x2 = xs
+            y = rmsnorm_fp8(x, norm_w[0], 1e-5, quantize=False)[0]
+            mods["q"](y), mods["k"](y), mods["v"](y), mods["o"](a)
+            y2 = rmsnorm_fp8(x2, norm_w[1], 1e-5, quantize=False)[0]
+            return mods["down"](silu_mul_fp8(mods["gate"](y2), mods["up"](y2), quantize=False))
         return call
+
+    def fused(xs):
+        x, a, x2 = xs
+        y, q, s = rmsnorm_fp8(x, norm_w[0], 1e-5)
+        setattr(y, w8a8.FUSED_CODES, (q, s))
+        fp8["q"](y), fp8["k"](y), fp8["v"](y), fp8["o"](a)
+        y2, q, s = rmsnorm_fp8(x2, norm_w[1], 1e-5)
+        setattr(y2, w8a8.FUSED_CODES, (q, s))
+        q, s = silu_mul_fp8(fp8["gate"](y2), fp8["up"](y2))
+        return fp8["down"].forward_quantized(q, s, (m,), torch.bfloat16)
 
     bf = {n: (lambda x, w=lin.weight: F.linear(x, w)) for n, lin in lins.items()}
     with torch.no_grad():
-        us = {"bf16": graph_us(run(bf), inputs, max(1, reps // 2)), "fp8": graph_us(run(fp8), inputs, max(1, reps // 2)),
-              "bf16 eager": eager_us(run(bf), inputs, 10), "fp8 eager": eager_us(run(fp8), inputs, 10)}
-    return {"shape": "decoder layer (q, k, v, o, gate, up, down)", "M": m, "us": us, "speedup": us["bf16"] / us["fp8"],
-            "speedup_eager": us["bf16 eager"] / us["fp8 eager"]}
+        out_plain, out_fused, again = run(fp8)(inputs[0]), fused(inputs[0]), run(fp8)(inputs[0])
+        rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())  # noqa: E731
+        err, noise = rel(out_fused, out_plain), rel(again, out_plain)
+        n = max(1, reps // 2)
+        us = {"bf16": graph_us(run(bf), inputs, n), "fp8": graph_us(run(fp8), inputs, n),
+              "fp8 fused": graph_us(fused, inputs, n), "bf16 eager": eager_us(run(bf), inputs, 10),
+              "fp8 eager": eager_us(run(fp8), inputs, 10), "fp8 fused eager": eager_us(fused, inputs, 10)}
+    return {"shape": "decoder layer without attention (2 norms, 7 linears, SiLU * up)", "M": m, "us": us,
+            "fused_kernels_ok": fused_kernels_ok(str(dev)), "fused_vs_unfused_rel_error": err,
+            "unfused_run_twice_rel_error": noise,
+            "speedup": us["bf16"] / us["fp8 fused"], "speedup_unfused": us["bf16"] / us["fp8"],
+            "speedup_eager": us["bf16 eager"] / us["fp8 fused eager"]}
+
+
+def model_rows(layers, ms, dev, repeats=5):
+    """Whole-model prefill: Llama-3-8B shapes with `layers` decoder layers and random weights (gpu_decode.build),
+    forward(input_ids [1, M], logits_to_keep=1) timed eagerly with CUDA events (median of `repeats` after a
+    warm-up). bf16 with transformers' own norms and SiLU ("plain"), bf16 with slimlm's norm / SiLU kernels
+    (core.fusion, as the latency measurement runs every model on CUDA), then the same model in FP8 W8A8 with the
+    quantization fused into those kernels, and unfused (transformers' norms, each FP8Linear quantizing). The
+    headline ratio compares bf16 and FP8 with the same norm / SiLU kernels. Logit differences of a random
+    32-layer model are large for tiny causes (bf16 with and without the kernels, which differ by an ulp here and
+    there, is the noise floor printed beside)."""
+    import types
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import gpu_decode as gd
+    from core.fusion import fuse_producers, unfuse
+
+    model, _ = gd.build(types.SimpleNamespace(tiny=False, seed=0), "bf16", layers, dev)
+    unfuse(model)  # build installed the kernels; "bf16 plain" runs transformers' own modules
+    ids = {m: torch.randint(3, 120000, (1, m), device=dev) for m in ms}
+
+    def time_all():
+        out = {}
+        for m in ms:
+            times = []
+            for _ in range(repeats + 1):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                logits = model(input_ids=ids[m], logits_to_keep=1, use_cache=False).logits
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b))
+            out[m] = (statistics.median(times[1:]), logits[0, -1].float())
+        return out
+
+    with torch.inference_mode():
+        res = {"bf16 plain": time_all()}
+        fused_modules = fuse_producers(model)
+        res["bf16"] = time_all()
+        w8a8.quantize_model_w8a8(model, "fp8")
+        fuse_producers(model)  # now its norms feed FP8 linears: they write codes too
+        res["fp8 fused"] = time_all()
+        unfuse(model)
+        res["fp8 unfused"] = time_all()
+    rows = []
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    for m in ms:
+        t = {k: v[m][0] for k, v in res.items()}
+        rows.append({"shape": f"Llama-3-8B x{layers} layers, whole prefill", "M": m, "ms": t,
+                     "speedup": t["bf16"] / t["fp8 fused"], "speedup_unfused": t["bf16"] / t["fp8 unfused"],
+                     "speedup_vs_bf16_plain": t["bf16 plain"] / t["fp8 fused"], "fused_modules": len(fused_modules),
+                     "last_logits_rel_error": {
+                         "bf16_kernels_vs_bf16_plain (noise floor)": rel(res["bf16"][m][1], res["bf16 plain"][m][1]),
+                         "fp8_fused_vs_fp8_unfused": rel(res["fp8 fused"][m][1], res["fp8 unfused"][m][1]),
+                         "fp8_vs_bf16": rel(res["fp8 fused"][m][1], res["bf16"][m][1])}})
+    del model
+    torch.cuda.empty_cache()
+    return rows
 
 
 def main() -> int:
@@ -149,6 +235,8 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--ms", default="2048,4096,8192")
     p.add_argument("--reps", type=int, default=10, help="calls per CUDA graph")
+    p.add_argument("--model-layers", type=int, default=32, help="decoder layers of the whole-model prefill (0: skip)")
+    p.add_argument("--model-ms", default="2048,8192")
     args = p.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -177,10 +265,21 @@ def main() -> int:
         row = layer_row(m, dev, args.reps)
         out["rows"].append(row)
         us = row["us"]
-        print(f"decoder layer M={m:5d}  bf16 {us['bf16']:7.1f} us  fp8 {us['fp8']:7.1f}  {row['speedup']:.2f}x "
-              f"(eager {us['bf16 eager']:.1f} / {us['fp8 eager']:.1f} = {row['speedup_eager']:.2f}x)", flush=True)
+        print(f"decoder layer M={m:5d}  bf16 {us['bf16']:7.1f} us  fp8 fused {us['fp8 fused']:7.1f} "
+              f"({row['speedup']:.2f}x; unfused {us['fp8']:7.1f}, {row['speedup_unfused']:.2f}x; eager "
+              f"{row['speedup_eager']:.2f}x)  fused vs unfused rel err {row['fused_vs_unfused_rel_error']:.1e} (unfused twice "
+              f"{row['unfused_run_twice_rel_error']:.1e})",
+              flush=True)
         save()
         torch.cuda.empty_cache()
+    if args.model_layers:
+        for row in model_rows(args.model_layers, [int(v) for v in args.model_ms.split(",")], dev):
+            out["rows"].append(row)
+            t = row["ms"]
+            print(f"{row['shape']} M={row['M']}: bf16 {t['bf16']:.2f} ms (plain {t['bf16 plain']:.2f}), fp8 fused "
+                  f"{t['fp8 fused']:.2f} ({row['speedup']:.2f}x), unfused {t['fp8 unfused']:.2f} "
+                  f"({row['speedup_unfused']:.2f}x); logits rel err {row['last_logits_rel_error']}", flush=True)
+        save()
     per_shape = {}
     for r in out["rows"]:
         per_shape.setdefault(r["shape"], []).append(r["speedup"])

@@ -406,10 +406,11 @@ PRESET_HARDWARE: dict[str, Hardware] = {h.name: h for h in (
     # benchmarks/gpu_kernels.py (results/gpu_kernels_h100.json; session 5: int4 from results/gpu_kernels_h100_mma.json
     # (bf16-pair GEMV at batch 1, mma kernel at 2..16), int4-asym / int8 at batch 1 from
     # results/gpu_kernels_h100_pairs.json), and the per-layer step overhead fitted to one
-    # decode measurement (bf16, batch 1, results/gpu_decode_w4_words.json).
+    # decode measurement (bf16, batch 1; session 6, with core.fusion's norm / SiLU kernels in the loop:
+    # results/gpu_decode_fused.json, 7.78 ms/step; it was 77 us/layer without them).
     Hardware("H100 SXM (slimlm kernels, measured)", "gpu", 3350, 989.5, 67, 80, 3.0, int8_tops=1979,
              fp8_tflops=1979, sparse24=True, match=("H100",),
-             kernel_bw=_H100_KERNEL_BW, layer_overhead_us=77.0,
+             kernel_bw=_H100_KERNEL_BW, layer_overhead_us=51.6,
              calibration="slimlm's Triton/cuBLAS kernels and CUDA-graph decode loop on an H100 80GB HBM3, "
                          "measured 2026-11-26"),
     # The same kernels with the decode step torch.compile'd before graph capture (the small ops fused): the
