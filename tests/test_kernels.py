@@ -442,6 +442,27 @@ def test_interp_fused_forwards_run_the_kernels_and_keep_the_logits(fp8, monkeypa
         assert err < 2e-2  # bf16 roundings (the interpreter truncates)
 
 
+@interp
+@pytest.mark.parametrize("m,n,kdim,bias,dtype", [(1, 40, 200, True, torch.bfloat16), (3, 200, 1000, False, torch.float32),
+                                               (16, 72, 512, True, torch.float16), (7, 8200, 96, False, torch.bfloat16)])
+def test_interp_fp8_skinny_matmul_matches_reference(m, n, kdim, bias, dtype):
+    """core.kernels.fp8_skinny (decode-sized FP8 W8A8): odd N and K (masked), both tile rules (N >= 8192 takes
+    64-channel blocks), bias, three output dtypes."""
+    from core.kernels.fp8_skinny import fp8_skinny_matmul
+    from core.quant.w8a8 import fp8_matmul_reference, quantize_per_channel_fp8, quantize_per_token_fp8
+
+    g = torch.Generator().manual_seed(m * n + kdim)
+    wq, ws = quantize_per_channel_fp8(torch.randn(n, kdim, generator=g))
+    xq, xs = quantize_per_token_fp8(torch.randn(m, kdim, generator=g) * 3)
+    b = torch.randn(n, generator=g) if bias else None
+    y = fp8_skinny_matmul(xq, xs, wq, ws, dtype, b)
+    ref = fp8_matmul_reference(xq, xs, wq, ws) + (b if bias else 0)
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert float((y.float() - ref).norm() / ref.norm()) < 1e-2
+    with pytest.raises(ValueError, match="up to 16 rows"):
+        fp8_skinny_matmul(torch.cat([xq] * 17)[:17], torch.cat([xs] * 17)[:17], wq, ws, dtype)
+
+
 def test_fused_fp8_kernels_refuse_rows_they_cannot_hold():
     pytest.importorskip("triton")
     from core.kernels.fp8_quant import ROW_IN_REGISTERS, fusable_width, rmsnorm_fp8, silu_mul_fp8

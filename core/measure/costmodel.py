@@ -381,7 +381,7 @@ _H100_KERNEL_BW = (("dense", 1, 0.732), ("dense", 4, 0.733), ("dense", 16, 0.718
                    ("int4", 1, 0.535), ("int4", 4, 0.356), ("int4", 16, 0.280), ("int4", 64, 0.137),
                    ("int4-asym", 1, 0.530), ("int4-asym", 16, 0.255),
                    ("int8", 1, 0.550), ("int8", 4, 0.448), ("int8", 16, 0.428), ("int8", 64, 0.221),
-                   ("w8a8-fp8", 1, 0.368), ("w8a8-fp8", 4, 0.364), ("w8a8-fp8", 16, 0.370), ("w8a8-fp8", 64, 0.370),
+                   ("w8a8-fp8", 1, 0.535), ("w8a8-fp8", 4, 0.541), ("w8a8-fp8", 16, 0.524), ("w8a8-fp8", 64, 0.409),
                    ("w8a8-int8", 1, 0.189), ("w8a8-int8", 4, 0.179), ("w8a8-int8", 16, 0.162),
                    ("w8a8-int8", 64, 0.153))
 
@@ -405,7 +405,8 @@ PRESET_HARDWARE: dict[str, Hardware] = {h.name: h for h in (
     # matmuls of a Llama-3-8B layer (q, k, v, o, gate, up, down at their shapes) per format and batch, from
     # benchmarks/gpu_kernels.py (results/gpu_kernels_h100.json; session 5: int4 from results/gpu_kernels_h100_mma.json
     # (bf16-pair GEMV at batch 1, mma kernel at 2..16), int4-asym / int8 at batch 1 from
-    # results/gpu_kernels_h100_pairs.json), and the per-layer step overhead fitted to one
+    # results/gpu_kernels_h100_pairs.json; session 6: w8a8-fp8 from results/gpu_kernels_fp8_skinny.json, the
+    # decode-sized FP8 kernel at batch <= 16), and the per-layer step overhead fitted to one
     # decode measurement (bf16, batch 1; session 6, with core.fusion's norm / SiLU kernels in the loop:
     # results/gpu_decode_fused.json, 7.78 ms/step; it was 77 us/layer without them).
     Hardware("H100 SXM (slimlm kernels, measured)", "gpu", 3350, 989.5, 67, 80, 3.0, int8_tops=1979,

@@ -6,7 +6,8 @@ y = (x_q @ w_q^T)[int32] * x_scale * w_scale. FP8 (float8_e4m3fn): scale = absma
 calibrated path searches each weight channel's FP8 scale instead: search_channel_scale).
 
 Fast paths: torch._int_mm (CPU through oneDNN; CUDA through cuBLAS, which needs M > 16 and K, N multiples
-of 8) and torch._scaled_mm (CUDA, compute capability >= 8.9, K and N multiples of 16). Each is probed
+of 8) and torch._scaled_mm (CUDA, compute capability >= 8.9, K and N multiples of 16), or for FP8 at M <= 16
+(decode) core.kernels.fp8_skinny. Each is probed
 once per device against the reference path and used only where it agrees; otherwise, and for shapes a
 kernel refuses, the reference path runs.
 
@@ -249,10 +250,33 @@ def quantize_activations_fp8(x: torch.Tensor, fast: bool = True) -> tuple[torch.
     return quantize_per_token_fp8(x)
 
 
+@functools.cache
+def fp8_skinny_ok(device: str) -> bool:
+    """Whether core.kernels.fp8_skinny runs on this device and agrees with the reference (as scaled_mm_dtypes)."""
+    from ..kernels import triton_available
+
+    dev = torch.device(device)
+    if dev.type != "cuda" or not triton_available() or torch.cuda.get_device_capability(dev) < (8, 9):
+        return False
+    try:
+        from ..kernels.fp8_skinny import fp8_skinny_matmul
+
+        aq, a_s, wq, w_s = _probe_operands(dev, "fp8")
+        ref = fp8_matmul_reference(aq[:5], a_s[:5], wq, w_s)
+        y = fp8_skinny_matmul(aq[:5].contiguous(), a_s[:5].contiguous(), wq, w_s, torch.float32)
+        return bool(float((y - ref).norm() / ref.norm()) < 1e-2)
+    except Exception:  # noqa: BLE001 (compile or launch failure: _scaled_mm or the reference)
+        return False
+
+
 def fp8_matmul(a, a_scale, w, w_scale, fast: bool = True, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Scaled fp8 a [M, K] @ fp8 w [N, K]^T -> [M, N], with torch._scaled_mm where it works. The result is float32,
-    or `out_dtype` directly when the fast path can write it (a bf16 model's prefill then neither writes nor reads
-    a float32 copy of every output)."""
+    """Scaled fp8 a [M, K] @ fp8 w [N, K]^T -> [M, N]: up to 16 rows with core.kernels.fp8_skinny (decode), more
+    with torch._scaled_mm, where they work. The result is float32, or `out_dtype` directly when the fast path can
+    write it (a bf16 model's prefill then neither writes nor reads a float32 copy of every output)."""
+    if fast and a.device.type == "cuda" and a.shape[0] <= 16 and a.stride(1) == 1 and fp8_skinny_ok(str(a.device)):
+        from ..kernels.fp8_skinny import fp8_skinny_matmul
+
+        return fp8_skinny_matmul(a, a_scale, w, w_scale, out_dtype)
     dtypes = scaled_mm_dtypes(str(a.device)) if fast and a.device.type == "cuda" else ()
     if dtypes and a.shape[1] % 16 == 0 and w.shape[0] % 16 == 0:
         return _scaled_mm(a, a_scale, w, w_scale, out_dtype if out_dtype in dtypes else dtypes[0])
