@@ -97,7 +97,7 @@ def _fusable(x: torch.Tensor, width: int) -> bool:
 
 
 def _fused_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
-    if x.dtype == self.weight.dtype and _fusable(x, x.shape[-1]):
+    if x.dtype == self.weight.dtype and self.weight.is_contiguous() and _fusable(x, x.shape[-1]):
         from .kernels.fp8_quant import rmsnorm_fp8
 
         y, q, s = rmsnorm_fp8(x.reshape(-1, x.shape[-1]), self.weight, self._slimlm_eps, self._slimlm_fp8)
@@ -114,7 +114,7 @@ def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
         from .kernels.fp8_quant import silu_mul_fp8
 
         g, u = self.gate_proj(x), self.up_proj(x)
-        if g.dtype == x.dtype and u.dtype == x.dtype:
+        if g.dtype == x.dtype and u.dtype == x.dtype and g.stride(-1) == 1 and u.stride(-1) == 1:
             g, u = g.reshape(-1, down.in_features), u.reshape(-1, down.in_features)
             if isinstance(down, FP8Linear) and down.fast:
                 return down.forward_quantized(*silu_mul_fp8(g, u), x.shape[:-1], x.dtype)

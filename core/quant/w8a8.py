@@ -273,7 +273,8 @@ def fp8_matmul(a, a_scale, w, w_scale, fast: bool = True, out_dtype: torch.dtype
     """Scaled fp8 a [M, K] @ fp8 w [N, K]^T -> [M, N]: up to 16 rows with core.kernels.fp8_skinny (decode), more
     with torch._scaled_mm, where they work. The result is float32, or `out_dtype` directly when the fast path can
     write it (a bf16 model's prefill then neither writes nor reads a float32 copy of every output)."""
-    if fast and a.device.type == "cuda" and a.shape[0] <= 16 and a.stride(1) == 1 and fp8_skinny_ok(str(a.device)):
+    if (fast and a.device.type == "cuda" and a.shape[0] <= 16 and a.stride(1) == 1 and w.stride(1) == 1
+            and fp8_skinny_ok(str(a.device))):
         from ..kernels.fp8_skinny import fp8_skinny_matmul
 
         return fp8_skinny_matmul(a, a_scale, w, w_scale, out_dtype)
