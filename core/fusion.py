@@ -29,7 +29,6 @@ transformers decoder: the output goes straight into the projections).
 """
 from __future__ import annotations
 
-import functools
 import logging
 import types
 
@@ -37,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant.w8a8 import FUSED_CODES, FP8Linear, _is_norm, fp8_kernel_ok, trace_consumers
+from .quant.w8a8 import FUSED_CODES, FP8Linear, _is_norm, fp8_kernel_ok, probed_once, trace_consumers
 
 FUSED = "_slimlm_fused"
 log = logging.getLogger(__name__)
@@ -56,7 +55,7 @@ def _close(got: torch.Tensor, ref: torch.Tensor) -> bool:
     return bool(((got - ref).abs() <= ref.abs() * 2 ** -7 + 1e-6).all())
 
 
-@functools.cache
+@probed_once(False)
 def fused_kernels_ok(device: str) -> bool:
     """Whether the norm and SiLU kernels run on this device and agree with PyTorch: outputs within one unit in the
     last place of the reference, codes exactly per_token_fp8 of those outputs."""

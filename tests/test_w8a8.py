@@ -435,3 +435,15 @@ def test_per_token_fp8_quantization_equals_the_float32_first_reference(dtype):
     q_ref = (xf / s_ref).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     q, s = quantize_per_token_fp8(x)
     assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@pytest.mark.parametrize("cls", [W8A8Linear, FP8Linear])
+def test_w8a8_layers_trace_without_graph_breaks(cls):
+    """The per-device kernel probes are read, not traced, under torch.compile (w8a8.probed_once): traced, the
+    probe's generator and try/except broke the compiled decode step at every linear."""
+    torch.manual_seed(0)
+    layer = cls.from_linear(nn.Linear(64, 32))
+    x = torch.randn(3, 64)
+    layer(x)  # the probes run eagerly first, as in the decode loop's warm-up
+    explained = torch._dynamo.explain(layer)(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
