@@ -264,8 +264,9 @@ def fp8_kernel_ok(device: str) -> bool:
 def quantize_activations_fp8(x: torch.Tensor, fast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token FP8 quantization of a linear's input: one Triton kernel on CUDA where it checks out, else
     quantize_per_token_fp8 (same numbers up to the last bit of the scale, which PyTorch's CUDA division by a
-    number rounds differently)."""
-    if fast and x.is_cuda and fp8_kernel_ok(str(x.device)):
+    number rounds differently). Under torch.compile the PyTorch formula, which Inductor fuses with the op that
+    produced x (a norm) and shares between linears reading the same x (q/k/v, gate/up)."""
+    if fast and x.is_cuda and not torch.compiler.is_compiling() and fp8_kernel_ok(str(x.device)):
         from ..kernels.fp8_quant import per_token_fp8
 
         return per_token_fp8(x)
