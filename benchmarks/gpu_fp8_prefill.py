@@ -255,8 +255,9 @@ def main() -> int:
             out["rows"].append(row)
             us = row["us"]
             print(f"{name:20s} M={m:5d}  bf16 {us['bf16']:7.1f} us  fp8 layer {us['fp8 layer']:7.1f} "
-                  f"(no fast acc {us['fp8 layer, no fast accumulation']:7.1f}; quant {us['activation quantization (kernel)']:6.1f}"
-                  f" + scaled_mm {us['scaled_mm only']:7.1f})  {row['speedup']:.2f}x (eager {row['speedup_eager']:.2f}x)  "
+                  f"(no fast acc {us['fp8 layer, no fast accumulation']:7.1f}; "
+                  f"quant {us['activation quantization (kernel)']:6.1f} + scaled_mm {us['scaled_mm only']:7.1f})  "
+                  f"{row['speedup']:.2f}x (eager {row['speedup_eager']:.2f}x)  "
                   f"err {row['rel_error_vs_reference']:.1e}  codes exact {row['kernel_codes_exact_given_scale']}",
                   flush=True)
             save()
@@ -267,8 +268,8 @@ def main() -> int:
         us = row["us"]
         print(f"decoder layer M={m:5d}  bf16 {us['bf16']:7.1f} us  fp8 fused {us['fp8 fused']:7.1f} "
               f"({row['speedup']:.2f}x; unfused {us['fp8']:7.1f}, {row['speedup_unfused']:.2f}x; eager "
-              f"{row['speedup_eager']:.2f}x)  fused vs unfused rel err {row['fused_vs_unfused_rel_error']:.1e} (unfused twice "
-              f"{row['unfused_run_twice_rel_error']:.1e})",
+              f"{row['speedup_eager']:.2f}x)  fused vs unfused rel err {row['fused_vs_unfused_rel_error']:.1e} "
+              f"(unfused twice {row['unfused_run_twice_rel_error']:.1e})",
               flush=True)
         save()
         torch.cuda.empty_cache()

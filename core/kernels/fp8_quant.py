@@ -1,4 +1,6 @@
-"""Per-token FP8 (E4M3) quantization of a linear's input in one Triton kernel (imported only on CUDA use).
+"""Per-token FP8 (E4M3) quantization of a linear's input in one Triton kernel (imported only on CUDA use), and the
+same quantization fused into the ops that produce such inputs: a Llama-style RMSNorm (rmsnorm_fp8) and a gated
+MLP's silu(gate) * up (silu_mul_fp8), used by core.fusion.
 
 The PyTorch formulation (core.quant.w8a8.quantize_per_token_fp8) takes several kernels and temporaries over the
 whole activation; on an H100 that cost more than the FP8 GEMM saved at prefill sizes (benchmarks/RESULTS.md). Here
@@ -13,7 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-
 FP8_MAX = 448.0
 ROW_IN_REGISTERS = 16384  # widest row read once; wider rows take two passes of CHUNK columns
 CHUNK = 2048  # the H100 sweep (1024-4096 columns, 4/8 warps) was flat within 10 % at 8 warps; 128 was 4-14x slower
@@ -22,10 +23,10 @@ CHUNK = 2048  # the H100 sweep (1024-4096 columns, 4/8 warps) was flat within 10
 @triton.jit
 def _div_rn(v, s, r):
     """v / s correctly rounded, from r = 1 / s (correctly rounded): q = v * r, then one Newton correction with
-    the remainder v - q * s from an FMA (Markstein; tests/test_kernels.py checks the formula on 10^6 quotients). tl.math.div_rn per element costs 1.4-1.9x the memory time at
-    14336 columns on an H100; this is three FMA-class instructions. (Quotients here are <= 448 in magnitude and
-    a wrong last bit below 2^-9 cannot change an E4M3 code, so the theorem's overflow and underflow exclusions
-    do not matter.)"""
+    the remainder v - q * s from an FMA (Markstein; tests/test_kernels.py checks the formula on 10^6 quotients).
+    tl.math.div_rn per element costs 1.4-1.9x the memory time at 14336 columns on an H100; this is three
+    FMA-class instructions. (Quotients here are <= 448 in magnitude and a wrong last bit below 2^-9 cannot change
+    an E4M3 code, so the theorem's overflow and underflow exclusions do not matter.)"""
     q = v * r
     e = tl.fma(-q, s, v)
     return tl.fma(e, r, q)

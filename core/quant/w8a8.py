@@ -37,7 +37,8 @@ INT8_MAX = 127
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 SCHEMES = ("int8", "fp8")
-FUSED_CODES = "_slimlm_fp8_codes"  # attribute of a tensor carrying its per-token FP8 codes: (codes [M, K], scale [M, 1])
+FUSED_CODES = "_slimlm_fp8_codes"  # attribute of a tensor carrying its per-token FP8 codes: (codes [M, K],
+#                                    float32 scale [M, 1]), set by core.fusion's norm on its output
 
 
 # --- quantization (pure functions) ---------------------------------------------------------------
