@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -652,10 +653,11 @@ def test_w4_mma_asm_gets_the_lane_layout(nt):
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("x_ptr", "w_ptr", "s_ptr", "y_ptr", "stride_wn")}
     src = ASTSource(fn=w4_mma._mma_kernel, signature=sig, attrs=attrs,
                     constexprs={"NW": nw, "CHUNKS": 2, "NT": nt, "SPLIT_K": 2, "GPC": 1, "TILES": 2})
-    try:
-        ttgir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": nw}).asm["ttgir"]
-    except Exception as e:  # noqa: BLE001  (no CUDA toolchain in this Triton build)
-        pytest.skip(f"cannot compile for sm_90 here: {e!r}"[:200])
+    # Triton's wheels bundle ptxas; skip only without one (a compile error must fail the test, not skip it)
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(bundled) and shutil.which("ptxas") is None:
+        pytest.skip("no ptxas: cannot compile for sm_90 here")
+    ttgir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": nw}).asm["ttgir"]
     layouts = dict(re.findall(r"^(#\w+) = (#ttg\.blocked<.*>)$", ttgir, re.M))
     ops = re.findall(r"tt\.elementwise_inline_asm.*", ttgir)
     assert len(ops) == 2  # one per tile
