@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .w4_words import _sum_splits_kernel
+from .w4_words import split_output, sum_splits
 
 # One chunk (8 mma k-steps) for one or two n8 tiles of the batch. Operands (pack = 4: 4 elements per thread each):
 # outputs C0 (n-tile 0) $0..$3 [, C1 $4..$7], then words 0..3 of row g, words 0..3 of row g + 8, then the x pairs
@@ -199,21 +199,11 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_si
     gpc = 0 if group_size >= k else group_size // 128
     nt = 1 if m <= 8 else 2
     grid = (triton.cdiv(n_out, 16 * cfg["NW"] * cfg["TILES"]), split)
-    if split == 1:
-        y = torch.empty(m, n_out, device=x.device, dtype=x.dtype)
-        stride_ys = 0
-    else:
-        y = torch.empty(split, m, n_out, device=x.device, dtype=torch.float32)
-        stride_ys = y.stride(0)
+    y, stride_ys = split_output(x, m, n_out, split)
     x32 = x.view(torch.int32)
     _mma_kernel[grid](x32, w, scales, y, m, n_out, k // 2, w.shape[1], x32.stride(0), w.stride(0), scales.stride(0),
                       n_out, stride_ys, NW=cfg["NW"], CHUNKS=chunks // split, NT=nt, SPLIT_K=split, GPC=gpc,
                       TILES=cfg["TILES"], num_warps=cfg["num_warps"], num_stages=1)
     if split > 1:
-        out = torch.empty(m, n_out, device=x.device, dtype=x.dtype)  # partials [split, M, N] read as [split, M N]
-        _sum_splits_kernel[(triton.cdiv(m * n_out, 1024),)](y, y, out, m * n_out, stride_ys, SPLIT_K=split,
-                                                            HAS_BIAS=False, BLOCK=1024)
-        y = out
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y
+        return sum_splits(y, x.dtype, bias)
+    return y if bias is None else y + bias.to(y.dtype)

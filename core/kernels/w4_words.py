@@ -230,17 +230,36 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
 
 
 @triton.jit
-def _sum_splits_kernel(p_ptr, b_ptr, y_ptr, N, stride_ps, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _sum_splits_kernel(p_ptr, b_ptr, y_ptr, N, NB, stride_ps, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK: tl.constexpr):
-    """y[n] = sum_s partial[s, n] (+ bias), in y's dtype: one launch instead of sum + add + cast."""
+    """y[i] = sum_s partial[s, i] (+ bias[i % NB]) over the flat [M N] outputs, in y's dtype: one launch instead of
+    sum + add + cast."""
     rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = rn < N
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for sp in tl.static_range(SPLIT_K):
         acc += tl.load(p_ptr + sp * stride_ps + rn, mask=mask, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.load(b_ptr + rn % NB, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def split_output(x: torch.Tensor, m: int, n: int, split: int) -> tuple[torch.Tensor, int]:
+    """Where a kernel that splits K over programs writes: y [M, N] in x.dtype when K is not split, else float32
+    partials [split, M, N] for sum_splits. Returns y and the stride between splits (0 when not split)."""
+    if split == 1:
+        return torch.empty(m, n, device=x.device, dtype=x.dtype), 0
+    y = torch.empty(split, m, n, device=x.device, dtype=torch.float32)
+    return y, y.stride(0)
+
+
+def sum_splits(y: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """[M, N] in dtype: the sum of split_output's float32 partials [split, M, N] (+ bias [N])."""
+    split, m, n = y.shape
+    out = torch.empty(m, n, device=y.device, dtype=dtype)
+    _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](y, y if bias is None else bias, out, m * n, n, y.stride(0),
+                                                    SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=1024)
+    return out
 
 
 # --- launchers -------------------------------------------------------------------------------------------------
@@ -309,10 +328,9 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: tor
     w = packed.view(torch.int32)
     kw = w.shape[1]
     split = triton.cdiv(kw, cfg["BKW"])
-    y = (torch.empty(1, n_out, device=x.device, dtype=x.dtype) if split == 1
-         else torch.empty(split, n_out, device=x.device, dtype=torch.float32))
+    y, stride_ys = split_output(x, 1, n_out, split)
     args = (x, w, scales, scales if zeros is None else zeros, scales if bias is None else bias, y,
-            n_out, k, kw, group_size, w.stride(0), scales.stride(0), y.stride(0) if split > 1 else 0, cfg["ROWS"])
+            n_out, k, kw, group_size, w.stride(0), scales.stride(0), stride_ys, cfg["ROWS"])
     common = {"HAS_Z": zeros is not None, "HAS_BIAS": bias is not None and split == 1, "SPLIT_K": split,
               "BN": cfg["BN"], "GSHIFT": group_shift(group_size, k, bits), "BITS": bits,
               "EVEN": n_out % cfg["ROWS"] == 0 and kw % cfg["BKW"] == 0 and k == (32 // bits) * kw,
@@ -324,9 +342,4 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: tor
     elif common["GSHIFT"] >= 0 and (1 << common["GSHIFT"]) <= cfg["BKW"] and cfg.get("GROUPED", True):
         gw = 1 << common["GSHIFT"]
     _gemv_kernel[grid](*args, BKW=cfg["BKW"], USE_ASM=use_asm, GW=gw, PAIRS=pairs, **common)
-    if split == 1:
-        return y
-    out = torch.empty(1, n_out, device=x.device, dtype=x.dtype)
-    _sum_splits_kernel[(triton.cdiv(n_out, 1024),)](y, scales if bias is None else bias, out, n_out, y.stride(0),
-                                                    SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=1024)
-    return out
+    return y if split == 1 else sum_splits(y, x.dtype, bias)

@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .w4_words import split_output, sum_splits
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Tile sizes: by default a fixed table (default_gemv_config / default_gemm_config / default_split_k, chosen
 # from the sweep in benchmarks/gpu_kernels.py on an H200); SLIMLM_AUTOTUNE=1 benchmarks candidate configs per
@@ -407,12 +409,7 @@ def gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: tor
         sms = _sm_count(x.device.index or 0) if x.is_cuda else 8
         split_k = default_split_k(m, n_out, k, sms, cfg["BN"], cfg["BM"])
     split_k = max(1, int(split_k))
-    if split_k == 1:
-        y = torch.empty(m, n_out, device=x.device, dtype=x.dtype)
-        stride_ys = 0
-    else:
-        y = torch.empty(split_k, m, n_out, device=x.device, dtype=torch.float32)
-        stride_ys = y.stride(0)
+    y, stride_ys = split_output(x, m, n_out, split_k)
     mb = _mbucket(m)
     args = (x, packed, scales, _dummy(scales) if zeros is None else zeros, _dummy(scales) if bias is None else bias, y,
             m, n_out, k, packed.shape[1], group_size, mb,
@@ -430,12 +427,7 @@ def gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: tor
             raise ValueError(f"K tile of {cfg['BK']} codes straddles groups of {group_size}")
         grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n_out, cfg["BN"]), split_k)
         _dot_kernel[grid](*args, **flags, **cfg, num_warps=warps, num_stages=stages)
-    if split_k == 1:
-        return y
-    out = y.sum(0)
-    if bias is not None:
-        out += bias.float()
-    return out.to(x.dtype)
+    return y if split_k == 1 else sum_splits(y, x.dtype, bias)
 
 
 def dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int,
