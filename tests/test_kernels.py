@@ -171,6 +171,26 @@ def test_interp_words_gemv_matches_reference(bits, n, kdim, gs, sym, dtype, cfg)
             assert _rel(y, ref) < _tol(dtype)
 
 
+@interp
+def test_interp_split_sum_kernel_and_its_compiled_form_agree():
+    """sum_splits: the Triton kernel (eager) and the PyTorch ops it becomes under torch.compile (which Inductor
+    fuses into the reader) give the same [M, N], with and without a bias per column."""
+    from core.kernels import w4_words
+
+    g = torch.Generator().manual_seed(3)
+    for split, m, n in [(7, 1, 300), (3, 5, 33)]:
+        y = torch.randn(split, m, n, generator=g)
+        for bias in (None, torch.randn(n, generator=g).to(torch.bfloat16)):
+            ref = (y.double().sum(0) + (0 if bias is None else bias.double())).float()
+            eager = w4_words.sum_splits(y, torch.bfloat16, bias)
+            traced = torch.compile(lambda y, b: w4_words.sum_splits(y, torch.bfloat16, b), backend="eager",
+                                   fullgraph=True)(y, bias)
+            for out in (eager, traced):
+                assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+                torch.testing.assert_close(out.float(), ref, rtol=8e-3, atol=1e-6)
+            torch.testing.assert_close(eager, traced, rtol=8e-3, atol=0)
+
+
 def test_words_default_tiles_follow_the_sweep():
     pytest.importorskip("triton")
     from core.kernels import w4_words

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INDUCTOR_SPLIT_SUM = True  # sum_splits under torch.compile as PyTorch ops (False: the Triton kernel; for A/B runs)
 
 
 @triton.jit
@@ -254,7 +255,12 @@ def split_output(x: torch.Tensor, m: int, n: int, split: int) -> tuple[torch.Ten
 
 
 def sum_splits(y: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """[M, N] in dtype: the sum of split_output's float32 partials [split, M, N] (+ bias [N])."""
+    """[M, N] in dtype: the sum of split_output's float32 partials [split, M, N] (+ bias [N]). Under torch.compile
+    in PyTorch ops: Inductor unrolls a sum over <= 8 splits into the kernel that reads the result (the residual add
+    and the next norm), which saves a launch per split layer."""
+    if torch.compiler.is_compiling() and INDUCTOR_SPLIT_SUM:
+        out = y.sum(0) if bias is None else y.sum(0) + bias.float()
+        return out.to(dtype)
     split, m, n = y.shape
     out = torch.empty(m, n, device=y.device, dtype=dtype)
     _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](y, y if bias is None else bias, out, m * n, n, y.stride(0),
