@@ -191,6 +191,43 @@ def test_interp_split_sum_kernel_and_its_compiled_form_agree():
             torch.testing.assert_close(eager, traced, rtol=8e-3, atol=0)
 
 
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # bf16 tl.dot: see BF16_DOT
+@pytest.mark.parametrize("b,hk,r,d,length,valid,splits", [
+    (1, 2, 4, 64, 100, [70], None),      # one split; masked tail
+    (1, 2, 4, 64, 100, [70], 3),         # three splits, the last one all masked
+    (2, 1, 5, 32, 300, [300, 129], 4),   # a mask row per sequence, R not a power of two
+    (1, 3, 1, 16, 64, [1], 2),           # one query head per KV head, one visible slot
+])
+def test_interp_decode_attention_matches_softmax(dtype, b, hk, r, d, length, valid, splits):
+    from core.kernels import decode_attention
+
+    g = torch.Generator().manual_seed(length + r)
+    q, k, v = (torch.randn(b, hk, n, d, generator=g).to(dtype) for n in (r, length, length))
+    mask = torch.zeros(len(valid), 1, 1, length + 7, dtype=dtype)  # longer than the cache, as the decoder's
+    for i, n in enumerate(valid):
+        mask[i, ..., n:] = torch.finfo(dtype).min
+    out = decode_attention.decode_attention(q, k, v, mask, 0.3, splits=splits, block=32)
+    sc = 0.3 * q.double() @ k.double().transpose(-1, -2) + mask[..., :length].double()
+    ref = torch.softmax(sc, -1) @ v.double()
+    assert out.dtype == dtype and out.shape == ref.shape
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-3 if dtype == torch.float16 else 1e-5)
+
+
+def test_decode_attention_refusals_and_splits():
+    pytest.importorskip("triton")
+    from core.kernels import decode_attention as da
+
+    q, kv, m = torch.zeros(1, 8, 4, 128), torch.zeros(1, 8, 192, 128), torch.zeros(1, 1, 1, 192)
+    assert da.supported(q, kv, kv, m)
+    assert not da.supported(q, kv, kv, m[..., :100])  # mask shorter than the cache
+    assert not da.supported(torch.zeros(1, 8, 4, 96), torch.zeros(1, 8, 192, 96), torch.zeros(1, 8, 192, 96), m)
+    assert not da.supported(q, kv, kv.half(), m)
+    with pytest.raises(ValueError, match="decode_attention takes"):
+        da.decode_attention(q, kv, kv, m[..., :100])
+    assert da.default_splits(8, 192) == 1 and da.default_splits(8, 4096) == 16 and da.default_splits(128, 4096) == 2
+
+
 def test_words_default_tiles_follow_the_sweep():
     pytest.importorskip("triton")
     from core.kernels import w4_words

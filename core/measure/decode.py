@@ -112,7 +112,8 @@ def grouped_decode_sdpa(orig, module, query, key, value, attention_mask, dropout
     """transformers' "sdpa" attention, except for a one-token query with grouped KV heads and a mask shared by
     all heads (the decode step here): the query heads of each KV head attend as a group of n_rep rows, so the
     K/V cache is read once instead of being copied n_rep times (repeat_kv, what transformers < 5.23 does when
-    a mask is given: at batch 16 that copy moves more bytes than the weights of a 4-bit model).
+    a mask is given: at batch 16 that copy moves more bytes than the weights of a 4-bit model), on CUDA through
+    slimlm's split-length kernel (core.kernels.decode_attention) where it applies, else SDPA.
     Same result as repeat_kv + SDPA. Anything else goes to `orig`."""
     n_rep = getattr(module, "num_key_value_groups", 1) or 1
     b, h, q, d = query.shape
@@ -121,9 +122,35 @@ def grouped_decode_sdpa(orig, module, query, key, value, attention_mask, dropout
             or kwargs.get("output_attentions") or key.shape[1] * n_rep != h or key.shape[-1] != d):
         return orig(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
                     **kwargs)
-    out = F.scaled_dot_product_attention(query.reshape(b, h // n_rep, n_rep, d), key, value,
-                                         attn_mask=attention_mask[..., : key.shape[-2]], scale=scaling)
+    q = query.reshape(b, h // n_rep, n_rep, d)
+    mask = attention_mask[..., : key.shape[-2]]
+    out = _decode_kernel(q, key, value, mask, scaling) if query.is_cuda and DECODE_ATTENTION_KERNEL else None
+    if out is None:
+        out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(b, h, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+DECODE_ATTENTION_KERNEL = True  # False: SDPA for the decode step too (A/B runs)
+_attention_failed: set = set()
+
+
+def _decode_kernel(q, key, value, mask, scaling):
+    """slimlm's split-length decode attention (core.kernels.decode_attention) where it applies, else None. A
+    kernel that raises is reported once per device and not tried again (SDPA answers)."""
+    from core.kernels.dispatch import triton_available
+
+    if q.device.index in _attention_failed or not triton_available():
+        return None
+    from core.kernels import decode_attention
+
+    if not decode_attention.supported(q, key, value, mask):
+        return None
+    try:
+        return decode_attention.decode_attention(q, key, value, mask, scaling)
+    except Exception as e:  # noqa: BLE001  (triton's CompilationError is no RuntimeError)
+        log.warning("decode attention kernel failed (%s); using SDPA", e)
+        _attention_failed.add(q.device.index)
+        return None
 
 
 _MISSING = object()
