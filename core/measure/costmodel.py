@@ -407,17 +407,19 @@ PRESET_HARDWARE: dict[str, Hardware] = {h.name: h for h in (
     # (bf16-pair GEMV at batch 1, mma kernel at 2..16), int4-asym / int8 at batch 1 from
     # results/gpu_kernels_h100_pairs.json; session 6: w8a8-fp8 from results/gpu_kernels_fp8_skinny.json, the
     # decode-sized FP8 kernel at batch <= 16), and the per-layer step overhead fitted to one
-    # decode measurement (bf16, batch 1; session 6, with core.fusion's norm / SiLU kernels in the loop:
-    # results/gpu_decode_fused.json, 7.78 ms/step; it was 77 us/layer without them).
+    # decode measurement (bf16, batch 1; session 7, with core.fusion's norm / SiLU kernels and the decode attention
+    # kernel in the loop: results/gpu_decode_s7.json, 7.59 ms/step; session 6 without the attention kernel: 51.6
+    # us/layer, before core.fusion: 77).
     Hardware("H100 SXM (slimlm kernels, measured)", "gpu", 3350, 989.5, 67, 80, 3.0, int8_tops=1979,
              fp8_tflops=1979, sparse24=True, match=("H100",),
-             kernel_bw=_H100_KERNEL_BW, layer_overhead_us=51.6,
+             kernel_bw=_H100_KERNEL_BW, layer_overhead_us=45.8,
              calibration="slimlm's Triton/cuBLAS kernels and CUDA-graph decode loop on an H100 80GB HBM3, "
                          "measured 2026-11-26"),
     # The same kernels with the decode step torch.compile'd before graph capture (the small ops fused): the
-    # per-layer overhead fitted to bf16 batch 1 compiled + graph (6.87 ms/step, results/gpu_decode_w4_mma.json).
+    # per-layer overhead fitted to bf16 batch 1 compiled + graph (6.71 ms/step with the decode attention kernel,
+    # results/gpu_decode_s7.json; 23.2 us/layer before it).
     Hardware("H100 SXM (slimlm kernels, compiled step)", "gpu", 3350, 989.5, 67, 80, 3.0, int8_tops=1979,
-             fp8_tflops=1979, sparse24=True, match=("H100",), kernel_bw=_H100_KERNEL_BW, layer_overhead_us=23.2,
+             fp8_tflops=1979, sparse24=True, match=("H100",), kernel_bw=_H100_KERNEL_BW, layer_overhead_us=18.1,
              calibration="slimlm's Triton/cuBLAS kernels and compiled CUDA-graph decode loop on an H100 80GB HBM3, "
                          "measured 2026-11-26"),
     # A generic x86 server: 32 cores at 2.5 GHz with AVX-512, 8 channels of DDR5-4800 (307 GB/s),
