@@ -141,6 +141,29 @@ def test_grouped_decode_attention_equals_repeated_kv():
     assert called
 
 
+def test_decode_attention_kernel_failure_falls_back_to_sdpa_once(monkeypatch, caplog):
+    """The CUDA decode attention kernel raising (e.g. it does not compile on some GPU) is logged once; SDPA answers
+    that call and every later one on the device (mocked kernel: the kernel itself is tested in test_kernels)."""
+    pytest.importorskip("triton")
+    from core.kernels import decode_attention
+    from core.measure import decode as dm
+
+    calls = []
+
+    def broken(*a, **kw):
+        calls.append(1)
+        raise RuntimeError("no kernel image for this GPU")
+
+    monkeypatch.setattr(decode_attention, "decode_attention", broken)
+    monkeypatch.setattr(dm, "_attention_failed", set())
+    q, kv, mask = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 20, 16), torch.zeros(1, 1, 1, 20)
+    assert dm._decode_kernel(q, kv, kv, mask[..., :10], None) is None and calls == []  # unsupported: not tried
+    with caplog.at_level("WARNING"):
+        assert dm._decode_kernel(q, kv, kv, mask, None) is None
+        assert dm._decode_kernel(q, kv, kv, mask, None) is None
+    assert calls == [1] and "decode attention kernel failed" in caplog.text
+
+
 @pytest.mark.parametrize("scheme", ["int8", "fp8"])
 def test_decode_equals_generate_with_w8a8_layers(scheme):
     """Per-token activation quantization sees the same tokens in the static loop as in generate (reference path)."""
