@@ -1,7 +1,7 @@
 """The app's latency measurement (core.measure.latency.measure_latency) end to end on a GPU, with core.fusion's
 norm / SiLU kernels it installs: a SmolLM2-135M-shaped Llama with random weights, bf16 and FP8 W8A8. Records its
-warnings, the static-cache loop's agreement with the dynamic cache, how many modules were fused, and the logits
-with and without the fused forwards.
+warnings, the static-cache loop's agreement with the dynamic cache, how many modules were fused, which decode
+attention ran (its gpu_kernels field), and the logits with and without the fused forwards.
 
   python3 benchmarks/gpu_latency_smoke.py --out DIR/gpu_latency_smoke.json
 """
@@ -46,7 +46,8 @@ def main() -> int:
             b = model(ids).logits.float()
         out[scheme] = {"prefill_ms": r["prefill_ms"], "decode_ms": r["decode_ms"], "warnings": r["warnings"],
                        "agree": r.get("static_vs_dynamic_token_agreement"), "loop": r["decode_loop"],
-                       "fused": len(fused), "fused_vs_unfused_logits_rel": float((a - b).norm() / b.norm())}
+                       "fused": len(fused), "gpu_kernels": r["gpu_kernels"],
+                       "fused_vs_unfused_logits_rel": float((a - b).norm() / b.norm())}
         print(scheme, out[scheme], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))

@@ -90,6 +90,7 @@ def test_latency_static_path_on_cpu_keeps_the_keys(tiny):
     assert 0 < lat["decode_ms"]["median"] <= lat["decode_ms"]["p90"]
     assert [t["batch"] for t in lat["throughput"]] == [1, 2] and all(t["tokens_per_s"] > 0 for t in lat["throughput"])
     assert lat["decode_loop"] == "static_cache+eager" and lat["timer"] == "perf_counter" and lat["card"] is None
+    assert lat["gpu_kernels"] is None and dyn["gpu_kernels"] is None
     assert lat["static_vs_dynamic_token_agreement"] == 1.0 and lat["warnings"] == []
     assert dyn["decode_loop"] == "dynamic_cache_eager" and dyn["warnings"] == []
 

@@ -132,6 +132,7 @@ def grouped_decode_sdpa(orig, module, query, key, value, attention_mask, dropout
 
 DECODE_ATTENTION_KERNEL = True  # False: SDPA for the decode step too (A/B runs)
 _attention_failed: set = set()
+attention_kernel_used: set = set()  # device indices where the kernel ran (read by core.measure.latency)
 
 
 def _decode_kernel(q, key, value, mask, scaling):
@@ -146,7 +147,9 @@ def _decode_kernel(q, key, value, mask, scaling):
     if not decode_attention.supported(q, key, value, mask):
         return None
     try:
-        return decode_attention.decode_attention(q, key, value, mask, scaling)
+        out = decode_attention.decode_attention(q, key, value, mask, scaling)
+        attention_kernel_used.add(q.device.index)
+        return out
     except Exception as e:  # noqa: BLE001  (triton's CompilationError is no RuntimeError)
         log.warning("decode attention kernel failed (%s); using SDPA", e)
         _attention_failed.add(q.device.index)

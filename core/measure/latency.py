@@ -160,10 +160,13 @@ def measure_latency(model, prompt: torch.Tensor, decode_tokens: int, batch_sizes
         if progress:
             progress("latency", done, total)
 
+    gpu_kernels = None
     if device.type == "cuda":  # the same fused norm / SiLU kernels (and FP8 quantization in them) for every model
         from ..fusion import fuse_producers
+        from . import decode as decode_mod
 
-        fuse_producers(model)
+        gpu_kernels = {"fused_modules": len(fuse_producers(model))}
+        decode_mod.attention_kernel_used.discard(device.index)
     static = device.type == "cuda" if static_decode is None else static_decode
     res, warnings = None, []
     if static:
@@ -191,6 +194,9 @@ def measure_latency(model, prompt: torch.Tensor, decode_tokens: int, batch_sizes
             done = 0
     if res is None:
         res = _dynamic(model, ids, decode_tokens, batch_sizes, warmup, repeats, device, tick)
+    if gpu_kernels is not None:  # what ran, so runs measured before or without a kernel can be told apart
+        used = static and res["decode_loop"].startswith("static") and device.index in decode_mod.attention_kernel_used
+        gpu_kernels["decode_attention"] = "slimlm kernel" if used else "sdpa"
     return {
         "device": str(device),
         "prompt_len": int(prompt.numel()),
@@ -204,5 +210,6 @@ def measure_latency(model, prompt: torch.Tensor, decode_tokens: int, batch_sizes
         "decode_loop": res["decode_loop"],
         "card": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "static_vs_dynamic_token_agreement": res.get("static_vs_dynamic_token_agreement"),
+        "gpu_kernels": gpu_kernels,
         "warnings": warnings,
     }
