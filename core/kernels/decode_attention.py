@@ -89,8 +89,10 @@ def _combine_kernel(part_ptr, stat_ptr, o_ptr, HK, R, so_b, so_h, so_r,
 def supported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor) -> bool:
     """q [B, HK, R, D], K/V [B, HK, L, D] of one dtype with unit stride over D, D a power of two 16..256, an
     additive mask [1 or B, 1, 1, >= L]."""
+    if query.dim() != 4 or key.dim() != 4:
+        return False
     b, hk, r, d = query.shape
-    return (query.dim() == 4 and key.shape[:2] == (b, hk) and key.shape == value.shape and key.shape[-1] == d
+    return (key.shape[:2] == (b, hk) and key.shape == value.shape and key.shape[-1] == d
             and key.dtype == value.dtype == query.dtype
             and query.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and 16 <= d <= 256 and d & (d - 1) == 0 and 1 <= r <= 64
