@@ -22,7 +22,7 @@ import triton.language as tl
 def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, part_ptr, stat_ptr, HK, L, R, scale,
                         sq_b, sq_h, sq_r, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, so_b, so_h, so_r,
                         CHUNK: tl.constexpr, SPLITS: tl.constexpr, RP: tl.constexpr, D: tl.constexpr,
-                        BL: tl.constexpr):
+                        BL: tl.constexpr, PREC: tl.constexpr):
     bh = tl.program_id(0)
     s = tl.program_id(1)
     b = bh // HK
@@ -42,13 +42,14 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, part_ptr, stat_ptr, H
         # -1e30 at most: a block whose slots are all masked must not give exp(-inf - -inf)
         add = tl.load(m_ptr + b * sm_b + ll, mask=ok, other=0.0).to(tl.float32)
         add = tl.where(ok, tl.maximum(add, -1e30), -1e30)
-        sc = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32) + add[None, :]  # torch.compile passes scale as fp64
+        # .to: torch.compile passes scale as float64
+        sc = (tl.dot(q, tl.trans(k), input_precision=PREC) * scale).to(tl.float32) + add[None, :]
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(sc - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(vb + ll[:, None] * sv_l + dd[None, :], mask=ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     if SPLITS == 1:
         out = acc / l_i[:, None]
@@ -136,7 +137,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         query, key, value, mask, out, part, stat, hk, length, r, scale,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), sm_b, out.stride(0), out.stride(1), out.stride(2),
-        CHUNK=chunk, SPLITS=splits, RP=rp, D=d, BL=block, num_warps=4, num_stages=2)
+        CHUNK=chunk, SPLITS=splits, RP=rp, D=d, BL=block, num_warps=4, num_stages=2,
+        PREC="ieee" if query.dtype == torch.float32 else "tf32")  # float32 as SDPA computes it, not in TF32
     if splits > 1:
         _combine_kernel[(b * hk,)](part, stat, out, hk, r, out.stride(0), out.stride(1), out.stride(2),
                                    SPLITS=splits, RP=rp, D=d, num_warps=4)
