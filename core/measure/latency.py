@@ -195,7 +195,7 @@ def measure_latency(model, prompt: torch.Tensor, decode_tokens: int, batch_sizes
     if res is None:
         res = _dynamic(model, ids, decode_tokens, batch_sizes, warmup, repeats, device, tick)
     if gpu_kernels is not None:  # what ran, so runs measured before or without a kernel can be told apart
-        used = static and res["decode_loop"].startswith("static") and device.index in decode_mod.attention_kernel_used
+        used = res["decode_loop"].startswith("static") and device.index in decode_mod.attention_kernel_used
         gpu_kernels["decode_attention"] = "slimlm kernel" if used else "sdpa"
     return {
         "device": str(device),
