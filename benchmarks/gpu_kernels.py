@@ -330,7 +330,7 @@ def run_candidate(w4a16, kind, cfg, sk, x, q):
 
 
 def timing(ceil, quick, deadline, sweep):
-    from core.kernels import w4a16
+    from core.kernels import pdl, w4a16
     from core.quant import w8a8
 
     l2 = 1 << 16 if DRY else torch.cuda.get_device_properties(0).L2_cache_size
@@ -379,6 +379,12 @@ def timing(ceil, quick, deadline, sweep):
                 path = kernel_for(x, qs[0])
                 r[f"w{bits}a16_dispatch_path"] = path
                 r["us"][f"w{bits}a16 dispatch"] = graph_time([lambda q=q: quant_matmul(x, q) for q in qs])
+                if bits == 4:  # A/B: the same kernels launched without programmatic dependent launch
+                    pdl.PDL = False
+                    try:
+                        r["us"]["w4a16 dispatch, no PDL"] = graph_time([lambda q=q: quant_matmul(x, q) for q in qs])
+                    finally:
+                        pdl.PDL = True
                 err = rel(quant_matmul(x, qs[0]), ref[bits])
                 r.setdefault("rel_err", {})[f"w{bits}a16 dispatch"] = err
                 if err > 1.2e-2:
@@ -437,6 +443,7 @@ def timing(ceil, quick, deadline, sweep):
             r["speedup_vs_bf16"] = {kk: (base / v if v else None) for kk, v in r["us"].items()}
             xy = (m * k + m * n) * 2
             wbytes = {"bf16": n * k * 2, "w4a16 dispatch": qbytes(q4), "w4a16 best": qbytes(q4),
+                      "w4a16 dispatch, no PDL": qbytes(q4),
                       "w8a16 dispatch": qbytes(q8), "w8a16 best": qbytes(q8), "w4a16 asym dispatch": qbytes(q4a)}
             r["hbm_fraction"] = {kk: (wbytes[kk] + xy) / (v * 1e-6) / (ceil["copy_GBps"] * 1e9)
                                  for kk, v in r["us"].items() if v and kk in wbytes}

@@ -689,40 +689,123 @@ def test_w4_mma_chunk_asm_computes_the_tile_dot(nt):
                 assert out[lane][4 * n + i] == pytest.approx(ref[row, 8 * n + col].item(), rel=1e-9, abs=1e-9)
 
 
-@pytest.mark.parametrize("nt", [1, 2])
-def test_w4_mma_asm_gets_the_lane_layout(nt):
-    """The chunk asm is only right if warp w, lane l holds elements [0..3, 32 w + l] of its [4, 32 NW] operands:
-    compile the kernel for sm_90 with the installed Triton (no GPU needed) and check the inline asm's layout."""
+def _compile_sm90(fn, sig: dict, constexprs: dict, divisible: tuple, num_warps: int):
+    """Compile a Triton kernel for sm_90 with the installed Triton (no GPU needed); its asm dict (ttgir, ptx, ...).
+    Triton's wheels bundle ptxas; skip only without one (a compile error must fail the test, not skip it)."""
     triton = pytest.importorskip("triton")
-    import re
-
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(bundled) and shutil.which("ptxas") is None:
+        pytest.skip("no ptxas: cannot compile for sm_90 here")
+    sig = {**sig, **{k: "constexpr" for k in constexprs}}
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    src = ASTSource(fn=fn, signature=sig, attrs=attrs, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm
+
+
+@pytest.mark.parametrize("nt", [1, 2])
+def test_w4_mma_asm_gets_the_lane_layout(nt):
+    """The chunk asm is only right if warp w, lane l holds elements [0..3, 32 w + l] of its [4, 32 NW] operands:
+    compile the kernel for sm_90 and check the inline asm's layout."""
+    import re
+
+    pytest.importorskip("triton")
     from core.kernels import w4_mma
 
     nw = 4
     sig = {"x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "y_ptr": "*fp32", "M": "i32", "N": "i32", "K2": "i32",
            "KW": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_ym": "i32",
-           "stride_ys": "i32", "NW": "constexpr", "CHUNKS": "constexpr", "NT": "constexpr", "SPLIT_K": "constexpr",
-           "GPC": "constexpr", "TILES": "constexpr"}
-    names = list(sig)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("x_ptr", "w_ptr", "s_ptr", "y_ptr", "stride_wn")}
-    src = ASTSource(fn=w4_mma._mma_kernel, signature=sig, attrs=attrs,
-                    constexprs={"NW": nw, "CHUNKS": 2, "NT": nt, "SPLIT_K": 2, "GPC": 1, "TILES": 2})
-    # Triton's wheels bundle ptxas; skip only without one (a compile error must fail the test, not skip it)
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(bundled) and shutil.which("ptxas") is None:
-        pytest.skip("no ptxas: cannot compile for sm_90 here")
-    ttgir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": nw}).asm["ttgir"]
+           "stride_ys": "i32"}
+    const = {"NW": nw, "CHUNKS": 2, "NT": nt, "SPLIT_K": 2, "GPC": 1, "TILES": 2, "PDL": 1}
+    ttgir = _compile_sm90(w4_mma._mma_kernel, sig, const, ("x_ptr", "w_ptr", "s_ptr", "y_ptr", "stride_wn"),
+                          nw)["ttgir"]
     layouts = dict(re.findall(r"^(#\w+) = (#ttg\.blocked<.*>)$", ttgir, re.M))
-    ops = re.findall(r"tt\.elementwise_inline_asm.*", ttgir)
+    ops = [op for op in re.findall(r"tt\.elementwise_inline_asm.*", ttgir) if "mma.sync" in op]
     assert len(ops) == 2  # one per tile
     used = {lay for op in ops for lay in re.findall(r"tensor<4x128x\w+, (#\w+)>", op)}
     assert used, ops[0][-300:]
     want = f"sizePerThread = [4, 1], threadsPerWarp = [1, 32], warpsPerCTA = [1, {nw}], order = [0, 1]"
     for name in used:
         assert want in layouts[name], (name, layouts[name])
+
+
+def _words_gemv_sm90(pdl_mode: int) -> str:
+    from core.kernels import w4_words
+
+    sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "b_ptr": "*fp16", "y_ptr": "*bf16",
+           "N": "i32", "K": "i32", "KW": "i32", "gsize": "i32", "stride_wn": "i32", "stride_sn": "i32",
+           "stride_ys": "i32", "ROWS": "i32"}
+    const = {"HAS_Z": False, "HAS_BIAS": False, "SPLIT_K": 1, "BN": 8, "BKW": 512, "GSHIFT": 4, "EVEN": True,
+             "BITS": 4, "USE_ASM": True, "GW": 16, "PAIRS": True, "PDL": pdl_mode}
+    return _compile_sm90(w4_words._gemv_kernel, sig, const, ("x_ptr", "w_ptr", "s_ptr", "y_ptr", "stride_wn"),
+                         8)["ptx"]
+
+
+@pytest.mark.parametrize("pdl_mode", [0, 1, 2])
+def test_pdl_gemv_waits_before_it_touches_memory(pdl_mode):
+    """A kernel launched early (PDL) must not read x or write y before griddepcontrol.wait: in the sm_90 PTX, the
+    wait comes before the first global load or store, and the launch of dependents comes once, at the point the
+    mode says (EARLY: before the loop's loads; LATE: after the last one). PDL = 0 has neither."""
+    pytest.importorskip("triton")
+    ptx = _words_gemv_sm90(pdl_mode)
+    first_mem = min(ptx.index(op) for op in ("ld.global", "st.global"))
+    if pdl_mode == 0:
+        assert "griddepcontrol" not in ptx
+        return
+    assert ptx.count("griddepcontrol.wait") == 1 and ptx.index("griddepcontrol.wait") < first_mem
+    assert ptx.count("griddepcontrol.launch_dependents") == 1
+    trigger = ptx.index("griddepcontrol.launch_dependents")
+    if pdl_mode == 1:
+        assert trigger < first_mem
+    else:
+        assert trigger > ptx.rindex("ld.global")
+
+
+@pytest.mark.parametrize("name", ["w4_words._gemv_kernel", "w4_words._sum_splits_kernel", "w4_mma._mma_kernel",
+                                  "decode_attention._decode_attn_kernel", "decode_attention._combine_kernel",
+                                  "fp8_skinny._fp8_skinny_kernel", "fp8_quant._rmsnorm_fp8_kernel"])
+def test_kernel_source_as_inductor_copies_it_resolves_every_name(name):
+    """Under torch.compile, Inductor compiles a user kernel from a copy of its source plus the jit helpers it calls
+    by bare name; a helper reached as a module attribute (pdl.wait) is not copied and the compiled decode step
+    fails on the GPU. Every global name the copied functions load must be defined there."""
+    pytest.importorskip("triton")
+    import builtins
+    import dis
+    import importlib
+    import types
+
+    wrapper = pytest.importorskip("torch._inductor.codegen.wrapper")
+
+    mod, fn = name.split(".")
+    kernel = getattr(importlib.import_module(f"core.kernels.{mod}"), fn)
+    src = wrapper.user_defined_triton_kernel_transitive_closure_source_code(kernel)
+    code = compile(src, f"<inductor copy of {name}>", "exec")  # compiled, not run: Triton wants jit code in files
+    defined = {"triton", "tl"} | {i.argval for i in dis.Bytecode(code) if i.opname in ("STORE_NAME", "IMPORT_NAME")}
+    functions = [c for c in code.co_consts if isinstance(c, types.CodeType)]
+    assert kernel.fn.__name__ in {f.co_name for f in functions}
+    for f in functions:
+        loads = {i.argval for i in dis.Bytecode(f) if i.opname == "LOAD_GLOBAL"}
+        missing = sorted(loads - defined - set(dir(builtins)))
+        assert not missing, (f.co_name, missing)
+
+
+def test_pdl_mode_rules(monkeypatch):
+    """Off on a CPU, with the A/B switch off and on pre-Hopper GPUs; EARLY for grids of >= 2 programs per SM, else
+    LATE. (_sms is the per-device cache of SM counts, 0 where PDL is unsupported.)"""
+    pytest.importorskip("triton")
+    from core.kernels import pdl
+
+    monkeypatch.setattr(pdl, "INTERPRET", False)
+    monkeypatch.setattr(pdl, "_sms", {0: 132, 1: 0})
+    gpu, old_gpu = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert pdl.mode(gpu, 264) == pdl.EARLY and pdl.mode(gpu, 263) == pdl.LATE
+    assert pdl.mode(old_gpu, 1000) == 0 and pdl.mode(torch.device("cpu"), 1000) == 0
+    assert pdl.launch(pdl.EARLY) == {"launch_pdl": True} and pdl.launch(0) == {}
+    monkeypatch.setattr(pdl, "PDL", False)
+    assert pdl.mode(gpu, 1000) == 0
 
 
 def test_w4_mma_rules_and_refusals():

@@ -17,12 +17,16 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import pdl_launch_dependents, pdl_wait
+
 
 @triton.jit
 def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, part_ptr, stat_ptr, HK, L, R, scale,
                         sq_b, sq_h, sq_r, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, so_b, so_h, so_r,
                         CHUNK: tl.constexpr, SPLITS: tl.constexpr, RP: tl.constexpr, D: tl.constexpr,
-                        BL: tl.constexpr, PREC: tl.constexpr):
+                        BL: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     bh = tl.program_id(0)
     s = tl.program_id(1)
     b = bh // HK
@@ -51,6 +55,7 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, part_ptr, stat_ptr, H
         v = tl.load(vb + ll[:, None] * sv_l + dd[None, :], mask=ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
+    pdl_launch_dependents(PDL, 2)
     if SPLITS == 1:
         out = acc / l_i[:, None]
         tl.store(o_ptr + b * so_b + h * so_h + rr[:, None] * so_r + dd[None, :], out.to(o_ptr.dtype.element_ty),
@@ -64,9 +69,10 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, part_ptr, stat_ptr, H
 
 @triton.jit
 def _combine_kernel(part_ptr, stat_ptr, o_ptr, HK, R, so_b, so_h, so_r,
-                    SPLITS: tl.constexpr, RP: tl.constexpr, D: tl.constexpr):
+                    SPLITS: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
     """out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s, M = max_s m_s (a split of masked slots only has
     m_s far below M and weighs nothing)."""
+    pdl_wait(PDL)
     bh = tl.program_id(0)
     rr = tl.arange(0, RP)
     dd = tl.arange(0, D)
@@ -133,13 +139,15 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     else:
         part = stat = out
     sm_b = mask.stride(0) if mask.shape[0] > 1 else 0
+    pdl_mode = pdl.mode(query.device, 0) and pdl.LATE  # few programs: the next kernel launches after the loop
     _decode_attn_kernel[(b * hk, splits)](
         query, key, value, mask, out, part, stat, hk, length, r, scale,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), sm_b, out.stride(0), out.stride(1), out.stride(2),
         CHUNK=chunk, SPLITS=splits, RP=rp, D=d, BL=block, num_warps=4, num_stages=2,
-        PREC="ieee" if query.dtype == torch.float32 else "tf32")  # float32 as SDPA computes it, not in TF32
+        PREC="ieee" if query.dtype == torch.float32 else "tf32",  # float32 as SDPA computes it, not in TF32
+        PDL=pdl_mode, **pdl.launch(pdl_mode))
     if splits > 1:
         _combine_kernel[(b * hk,)](part, stat, out, hk, r, out.stride(0), out.stride(1), out.stride(2),
-                                   SPLITS=splits, RP=rp, D=d, num_warps=4)
+                                   SPLITS=splits, RP=rp, D=d, PDL=pdl_mode, num_warps=4, **pdl.launch(pdl_mode))
     return out

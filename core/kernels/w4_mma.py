@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import pdl_launch_dependents, pdl_wait
 from .w4_words import split_output, sum_splits
 
 # One chunk (8 mma k-steps) for one or two n8 tiles of the batch. Operands (pack = 4: 4 elements per thread each):
@@ -106,12 +108,14 @@ def _store_tile(y_ptr, acc0, acc1, row_a, e, t, M, N, stride_ym, NT: tl.constexp
 @triton.jit
 def _mma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K2, KW, stride_xm, stride_wn, stride_sn, stride_ym, stride_ys,
                 NW: tl.constexpr, CHUNKS: tl.constexpr, NT: tl.constexpr, SPLIT_K: tl.constexpr,
-                GPC: tl.constexpr, TILES: tl.constexpr):
+                GPC: tl.constexpr, TILES: tl.constexpr, PDL: tl.constexpr):
     """Program (axis 0: NW warps of TILES tiles of 16 rows; axis 1: CHUNKS chunks of 128 codes of K). Tensors are
     [4, 32 NW]: in Triton's default layout for that shape, warp w, lane l holds elements [0..3, 32 w + l], which
     is what the mma fragments need (the inline asm keeps the default layout; checked in tests/test_kernels.py).
     A warp's tiles share the x fragments of a chunk (loaded once). x_ptr: x as int32 (bf16 pairs), K2 = K / 2 of
-    them per row. GPC: chunks per quantization group (0: one group per row)."""
+    them per row. GPC: chunks per quantization group (0: one group per row). PDL: see core.kernels.pdl."""
+    pdl_wait(PDL)
+    pdl_launch_dependents(PDL, 1)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     li = tl.arange(0, 32 * NW)[None, :]
@@ -156,6 +160,7 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K2, KW, stride_xm, stride_wn, 
                                  x00, x01, x10, x11, x20, x21, x30, x31, NT)
             acc2 += c2
             acc3 += c3
+    pdl_launch_dependents(PDL, 2)
     out = y_ptr + pid_k * stride_ys
     _store_tile(out, acc0, acc1, row0, e, t, M, N, stride_ym, NT, SPLIT_K > 1)
     if TILES == 2:
@@ -201,9 +206,11 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_si
     grid = (triton.cdiv(n_out, 16 * cfg["NW"] * cfg["TILES"]), split)
     y, stride_ys = split_output(x, m, n_out, split)
     x32 = x.view(torch.int32)
+    pdl_mode = pdl.mode(x.device, grid[0] * grid[1])
     _mma_kernel[grid](x32, w, scales, y, m, n_out, k // 2, w.shape[1], x32.stride(0), w.stride(0), scales.stride(0),
                       n_out, stride_ys, NW=cfg["NW"], CHUNKS=chunks // split, NT=nt, SPLIT_K=split, GPC=gpc,
-                      TILES=cfg["TILES"], num_warps=cfg["num_warps"], num_stages=1)
+                      TILES=cfg["TILES"], PDL=pdl_mode, num_warps=cfg["num_warps"], num_stages=1,
+                      **pdl.launch(pdl_mode))
     if split > 1:
         return sum_splits(y, x.dtype, bias)
     return y if bias is None else y + bias.to(y.dtype)

@@ -35,6 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import pdl_launch_dependents, pdl_wait
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 INDUCTOR_SPLIT_SUM = True  # sum_splits under torch.compile as PyTorch ops (False: the Triton kernel; for A/B runs)
 
@@ -125,11 +128,14 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
                  N, K, KW, gsize, stride_wn, stride_sn, stride_ys, ROWS,
                  HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
                  BN: tl.constexpr, BKW: tl.constexpr, GSHIFT: tl.constexpr, EVEN: tl.constexpr,
-                 BITS: tl.constexpr, USE_ASM: tl.constexpr, GW: tl.constexpr, PAIRS: tl.constexpr):
+                 BITS: tl.constexpr, USE_ASM: tl.constexpr, GW: tl.constexpr, PAIRS: tl.constexpr,
+                 PDL: tl.constexpr):
     """Program (axis 0: a block of ROWS rows, axis 1: a chunk of BKW words of K); see the module docstring.
     EVEN: N is a multiple of ROWS and every K chunk is full, so no load needs a mask. GW: words per group when a
     group is a power of two no longer than the chunk (partials summed per group, one scale load per group), -1
-    for one group per row, 0 otherwise (a scale gathered per word)."""
+    for one group per row, 0 otherwise (a scale gathered per word). PDL: see core.kernels.pdl."""
+    pdl_wait(PDL)
+    pdl_launch_dependents(PDL, 1)
     PER: tl.constexpr = 32 // BITS  # codes per word
     UNIT: tl.constexpr = 1.0 if BITS == 4 else 2.0  # 1 / the weight of a code in _code_f32's float
     SYM_ZERO: tl.constexpr = 8.0 if BITS == 4 else 128.0
@@ -228,13 +234,15 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
         else:
             tl.store(y_ptr + pid_k * stride_ys + rn, y, mask=nmask)
         wu = wn
+    pdl_launch_dependents(PDL, 2)
 
 
 @triton.jit
 def _sum_splits_kernel(p_ptr, b_ptr, y_ptr, N, NB, stride_ps, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       BLOCK: tl.constexpr, PDL: tl.constexpr):
     """y[i] = sum_s partial[s, i] (+ bias[i % NB]) over the flat [M N] outputs, in y's dtype: one launch instead of
-    sum + add + cast."""
+    sum + add + cast. With PDL it only waits (launched early, it hides its launch behind the GEMV's tail)."""
+    pdl_wait(PDL)
     rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = rn < N
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -263,8 +271,10 @@ def sum_splits(y: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = 
         return out.to(dtype)
     split, m, n = y.shape
     out = torch.empty(m, n, device=y.device, dtype=dtype)
-    _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](y, y if bias is None else bias, out, m * n, n, y.stride(0),
-                                                    SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=1024)
+    grid = triton.cdiv(m * n, 1024)
+    pdl_mode = pdl.mode(y.device, grid) and pdl.LATE  # wait only: it triggers no early launch
+    _sum_splits_kernel[(grid,)](y, y if bias is None else bias, out, m * n, n, y.stride(0), SPLIT_K=split,
+                                HAS_BIAS=bias is not None, BLOCK=1024, PDL=pdl_mode, **pdl.launch(pdl_mode))
     return out
 
 
@@ -347,5 +357,7 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: tor
         gw = -1
     elif common["GSHIFT"] >= 0 and (1 << common["GSHIFT"]) <= cfg["BKW"] and cfg.get("GROUPED", True):
         gw = 1 << common["GSHIFT"]
-    _gemv_kernel[grid](*args, BKW=cfg["BKW"], USE_ASM=use_asm, GW=gw, PAIRS=pairs, **common)
+    pdl_mode = pdl.mode(x.device, grid[0] * grid[1])
+    _gemv_kernel[grid](*args, BKW=cfg["BKW"], USE_ASM=use_asm, GW=gw, PAIRS=pairs, PDL=pdl_mode, **common,
+                       **pdl.launch(pdl_mode))
     return y if split == 1 else sum_splits(y, x.dtype, bias)
