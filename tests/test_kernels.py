@@ -808,6 +808,31 @@ def test_pdl_mode_rules(monkeypatch):
     assert pdl.mode(gpu, 1000) == 0
 
 
+def test_pdl_off_where_the_probe_launch_fails(monkeypatch, caplog):
+    """A driver that refuses PDL launches must not send layers to the reference path: the one-time probe fails,
+    a warning says so, and the kernels launch without PDL. No probe runs during a CUDA graph capture."""
+    pytest.importorskip("triton")
+    from core.kernels import pdl
+
+    probes = []
+
+    def refuse(idx):
+        probes.append(idx)
+        raise RuntimeError("CUDA_ERROR_NOT_SUPPORTED")
+
+    monkeypatch.setattr(pdl, "INTERPRET", False)
+    monkeypatch.setattr(pdl, "_sms", {})
+    monkeypatch.setattr(pdl, "_probe", refuse)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda idx=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    gpu = torch.device("cuda", 0)
+    assert pdl.mode(gpu, 1000) == 0 and probes == [] and pdl._sms == {}  # capturing: no probe, no answer cached
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    with caplog.at_level("WARNING", logger="core.kernels.pdl"):
+        assert pdl.mode(gpu, 1000) == 0 and pdl.mode(gpu, 10) == 0
+    assert probes == [0] and "launch without it" in caplog.text and pdl._sms == {0: 0}
+
+
 def test_w4_mma_rules_and_refusals():
     pytest.importorskip("triton")
     from core.kernels import w4_mma

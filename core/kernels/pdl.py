@@ -20,11 +20,14 @@ its generated code by the name the kernel calls them (a module attribute such as
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+log = logging.getLogger(__name__)
 
 PDL = True  # False: launch without PDL (A/B runs)
 EARLY = 1
@@ -33,19 +36,40 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _sms: dict[int, int] = {}  # device index -> SM count, 0 where PDL is unsupported
 
 
-def _sm_count(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
+def _probe(idx: int) -> None:
+    """Launch one tiny kernel with PDL and check it ran: an old driver or CUDA may refuse the launch attribute,
+    and a kernel that raised would send every call of its layer to the slow reference path."""
+    flag = torch.zeros(1, dtype=torch.int32, device=f"cuda:{idx}")
+    _probe_kernel[(1,)](flag, PDL=LATE, **launch(LATE))
+    torch.cuda.synchronize(idx)
+    if flag.item() != 1:
+        raise RuntimeError("the probe kernel did not write its flag")
+
+
+def _sm_count(idx: int) -> int:
+    """SMs of cuda:idx where PDL works there (sm_90+, probed once), else 0."""
     if idx not in _sms:
-        ok = torch.cuda.get_device_capability(idx) >= (9, 0)
-        _sms[idx] = torch.cuda.get_device_properties(idx).multi_processor_count if ok else 0
+        sms = 0
+        if torch.cuda.get_device_capability(idx) >= (9, 0):
+            try:
+                _probe(idx)
+                sms = torch.cuda.get_device_properties(idx).multi_processor_count
+            except Exception as e:  # noqa: BLE001  (the driver's or Triton's error, whatever its type)
+                log.warning("programmatic dependent launch unavailable on cuda:%d (%s); kernels launch without it",
+                            idx, str(e)[:200])
+        _sms[idx] = sms
     return _sms[idx]
 
 
 def mode(device: torch.device, programs: int) -> int:
-    """The PDL constexpr for a kernel of `programs` programs on `device` (see the module docstring)."""
+    """The PDL constexpr for a kernel of `programs` programs on `device` (see the module docstring). Off until
+    the device has been probed outside a CUDA graph capture (the probe synchronizes)."""
     if not PDL or INTERPRET or device.type != "cuda" or torch.compiler.is_compiling():
         return 0
-    sms = _sm_count(device)
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _sms and torch.cuda.is_current_stream_capturing():
+        return 0
+    sms = _sm_count(idx)
     if not sms:
         return 0
     return EARLY if programs >= 2 * sms else LATE
@@ -68,3 +92,9 @@ def pdl_launch_dependents(PDL: tl.constexpr, AT: tl.constexpr):
     """Let the next kernel launch, at point AT (EARLY: right after wait(); LATE: after the main loop)."""
     if PDL == AT:
         tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _probe_kernel(flag_ptr, PDL: tl.constexpr):
+    pdl_wait(PDL)
+    tl.store(flag_ptr, 1)
