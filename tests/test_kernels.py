@@ -719,7 +719,7 @@ def test_w4_mma_asm_gets_the_lane_layout(nt):
     sig = {"x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "y_ptr": "*fp32", "M": "i32", "N": "i32", "K2": "i32",
            "KW": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_ym": "i32",
            "stride_ys": "i32"}
-    const = {"NW": nw, "CHUNKS": 2, "NT": nt, "SPLIT_K": 2, "GPC": 1, "TILES": 2, "PDL": 1}
+    const = {"NW": nw, "CHUNKS": 2, "NT": nt, "SPLIT_K": 2, "GPC": 1, "TILES": 2, "PDL": 1, "AHEAD": nt == 2}
     ttgir = _compile_sm90(w4_mma._mma_kernel, sig, const, ("x_ptr", "w_ptr", "s_ptr", "y_ptr", "stride_wn"),
                           nw)["ttgir"]
     layouts = dict(re.findall(r"^(#\w+) = (#ttg\.blocked<.*>)$", ttgir, re.M))
@@ -838,8 +838,11 @@ def test_w4_mma_rules_and_refusals():
     from core.kernels import w4_mma
 
     rule = w4_mma.default_config
-    assert rule(16, 14336, 4096) == {"NW": 4, "SPLIT_K": 4, "num_warps": 4, "TILES": 2}  # gate/up, the H100 best
-    assert rule(4, 14336, 4096)["TILES"] == 1 and rule(16, 4096, 14336)["SPLIT_K"] == 8
+    # gate/up and down at M = 16: the H100 best (two tiles per warp, scales a chunk ahead); q/o keeps one tile
+    assert rule(16, 14336, 4096) == {"NW": 4, "SPLIT_K": 4, "num_warps": 4, "TILES": 2, "AHEAD": True}
+    assert rule(16, 4096, 14336) == {"NW": 4, "SPLIT_K": 8, "num_warps": 4, "TILES": 2, "AHEAD": True}
+    assert rule(16, 4096, 4096)["TILES"] == 1 and not rule(16, 4096, 4096)["AHEAD"]
+    assert rule(4, 14336, 4096)["TILES"] == 1 and not rule(4, 14336, 4096)["AHEAD"]
     q = _layer(32, 256, 4, 128, True)
     ok = dict(packed=q.packed, scales=q.scales, group_size=128, n_out=32)
     for x, why in [(_x(1, 256, torch.bfloat16), "M=1"), (_x(17, 256, torch.bfloat16), "M=17"),

@@ -69,14 +69,19 @@ CHUNK_ASM_2: tl.constexpr = tl.constexpr(_chunk_asm(2))
 
 
 @triton.jit
-def _tile_chunk(w_ptr, s_ptr, row_a, word, stride_wn, stride_sn, grp, e, N, x00, x01, x10, x11, x20, x21, x30, x31,
-                NT: tl.constexpr):
-    """One 16-row tile (rows row_a = g and g + 8 of each lane group), one chunk: scaled C fragments (c0, c1)."""
+def _scales(s_ptr, row_c, c, GPC: tl.constexpr, stride_sn, N, ok):
+    """Scale of chunk c for C fragment rows row_c (float32; 0 where not ok)."""
+    grp = 0 if GPC == 0 else c // GPC
+    return tl.load(s_ptr + row_c * stride_sn + grp, mask=(row_c < N) & ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _tile_chunk(w_ptr, s, row_a, word, stride_wn, N, x00, x01, x10, x11, x20, x21, x30, x31, NT: tl.constexpr):
+    """One 16-row tile (rows row_a = g and g + 8 of each lane group), one chunk: C fragments (c0, c1) times s, the
+    scale of each fragment element's row (_scales)."""
     row_b = row_a + 8
     wa = tl.load(w_ptr + row_a * stride_wn + word, mask=row_a < N, other=0)
     wb = tl.load(w_ptr + row_b * stride_wn + word, mask=row_b < N, other=0)
-    row_c = row_a + 8 * (e // 2)  # row of C fragment element e
-    s = tl.load(s_ptr + row_c * stride_sn + grp, mask=row_c < N, other=0.0).to(tl.float32)
     if NT == 1:
         c0 = tl.inline_asm_elementwise(CHUNK_ASM_1, "=f,=f,=f,=f" + ",r" * 24, [wa, wb, x00, x10, x20, x30],
                                        dtype=tl.float32, is_pure=True, pack=4)
@@ -108,12 +113,13 @@ def _store_tile(y_ptr, acc0, acc1, row_a, e, t, M, N, stride_ym, NT: tl.constexp
 @triton.jit
 def _mma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K2, KW, stride_xm, stride_wn, stride_sn, stride_ym, stride_ys,
                 NW: tl.constexpr, CHUNKS: tl.constexpr, NT: tl.constexpr, SPLIT_K: tl.constexpr,
-                GPC: tl.constexpr, TILES: tl.constexpr, PDL: tl.constexpr):
+                GPC: tl.constexpr, TILES: tl.constexpr, PDL: tl.constexpr, AHEAD: tl.constexpr):
     """Program (axis 0: NW warps of TILES tiles of 16 rows; axis 1: CHUNKS chunks of 128 codes of K). Tensors are
     [4, 32 NW]: in Triton's default layout for that shape, warp w, lane l holds elements [0..3, 32 w + l], which
     is what the mma fragments need (the inline asm keeps the default layout; checked in tests/test_kernels.py).
     A warp's tiles share the x fragments of a chunk (loaded once). x_ptr: x as int32 (bf16 pairs), K2 = K / 2 of
-    them per row. GPC: chunks per quantization group (0: one group per row). PDL: see core.kernels.pdl."""
+    them per row. GPC: chunks per quantization group (0: one group per row). PDL: see core.kernels.pdl. AHEAD: load
+    the next chunk's scales one iteration ahead (their load latency showed once per chunk at two tiles per warp)."""
     pdl_wait(PDL)
     pdl_launch_dependents(PDL, 1)
     pid_n = tl.program_id(0)
@@ -132,7 +138,19 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K2, KW, stride_xm, stride_wn, 
     acc1 = tl.zeros([4, 32 * NW], dtype=tl.float32)
     acc2 = tl.zeros([4, 32 * NW], dtype=tl.float32)
     acc3 = tl.zeros([4, 32 * NW], dtype=tl.float32)
-    for c in range(pid_k * CHUNKS, pid_k * CHUNKS + CHUNKS):
+    rca = row0 + 8 * (e // 2)  # row of C fragment element e, first tile
+    first = pid_k * CHUNKS
+    if AHEAD:
+        sa = _scales(s_ptr, rca, first, GPC, stride_sn, N, True)
+        sb = _scales(s_ptr, rca + 16, first, GPC, stride_sn, N, TILES == 2)
+    for c in range(first, first + CHUNKS):
+        if AHEAD:
+            more = c + 1 < first + CHUNKS
+            sa_next = _scales(s_ptr, rca, c + 1, GPC, stride_sn, N, more)
+            sb_next = _scales(s_ptr, rca + 16, c + 1, GPC, stride_sn, N, more & (TILES == 2))
+        else:
+            sa = _scales(s_ptr, rca, c, GPC, stride_sn, N, True)
+            sb = _scales(s_ptr, rca + 16, c, GPC, stride_sn, N, TILES == 2)
         word = c * 16 + 4 * t + e  # words 4t..4t+3 of the chunk
         # x pairs of word j = 4t + jj of the chunk: x32[col][64 c + 16 t + 4 jj + p], p = e
         xk = c * 64 + 16 * t + e
@@ -150,16 +168,16 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K2, KW, stride_xm, stride_wn, 
             x11 = x10
             x21 = x20
             x31 = x30
-        grp = 0 if GPC == 0 else c // GPC
-        c0, c1 = _tile_chunk(w_ptr, s_ptr, row0, word, stride_wn, stride_sn, grp, e, N,
-                             x00, x01, x10, x11, x20, x21, x30, x31, NT)
+        c0, c1 = _tile_chunk(w_ptr, sa, row0, word, stride_wn, N, x00, x01, x10, x11, x20, x21, x30, x31, NT)
         acc0 += c0
         acc1 += c1
         if TILES == 2:
-            c2, c3 = _tile_chunk(w_ptr, s_ptr, row0 + 16, word, stride_wn, stride_sn, grp, e, N,
-                                 x00, x01, x10, x11, x20, x21, x30, x31, NT)
+            c2, c3 = _tile_chunk(w_ptr, sb, row0 + 16, word, stride_wn, N, x00, x01, x10, x11, x20, x21, x30, x31, NT)
             acc2 += c2
             acc3 += c3
+        if AHEAD:
+            sa = sa_next
+            sb = sb_next
     pdl_launch_dependents(PDL, 2)
     out = y_ptr + pid_k * stride_ys
     _store_tile(out, acc0, acc1, row0, e, t, M, N, stride_ym, NT, SPLIT_K > 1)
@@ -178,12 +196,14 @@ def supported(bits: int, group_size: int, in_features: int, has_zeros: bool, pac
 
 def default_config(m: int, n: int, k: int) -> dict:
     """From benchmarks/gpu_w4_mma.py on an H100 (results/gpu_w4_mma.json): K split until the 64-row programs
-    number >= 4 per SM (at most 8 ways), 4 warps; two tiles per warp (sharing x) for M > 8 on wide layers."""
+    number >= 4 per SM (at most 8 ways), 4 warps; for M > 8 on large layers (N or K >= 8192) two tiles per warp
+    (sharing x), with scales loaded a chunk ahead (AHEAD; results/gpu_w4_mma_scales_ahead.json)."""
     chunks = k // 128
     split = 1
     while split < 8 and chunks % (2 * split) == 0 and triton.cdiv(n, 64) * split < 4 * 132:
         split *= 2
-    return {"NW": 4, "SPLIT_K": split, "num_warps": 4, "TILES": 2 if m > 8 and n >= 8192 else 1}
+    two = m > 8 and max(n, k) >= 8192
+    return {"NW": 4, "SPLIT_K": split, "num_warps": 4, "TILES": 2 if two else 1, "AHEAD": two}
 
 
 def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int, n_out: int,
@@ -209,7 +229,7 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_si
     pdl_mode = pdl.mode(x.device, grid[0] * grid[1])
     _mma_kernel[grid](x32, w, scales, y, m, n_out, k // 2, w.shape[1], x32.stride(0), w.stride(0), scales.stride(0),
                       n_out, stride_ys, NW=cfg["NW"], CHUNKS=chunks // split, NT=nt, SPLIT_K=split, GPC=gpc,
-                      TILES=cfg["TILES"], PDL=pdl_mode, num_warps=cfg["num_warps"], num_stages=1,
+                      TILES=cfg["TILES"], PDL=pdl_mode, AHEAD=cfg["AHEAD"], num_warps=cfg["num_warps"], num_stages=1,
                       **pdl.launch(pdl_mode))
     if split > 1:
         return sum_splits(y, x.dtype, bias)
