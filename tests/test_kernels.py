@@ -802,6 +802,7 @@ def test_pdl_mode_rules(monkeypatch):
     monkeypatch.setattr(pdl, "_sms", {0: 132, 1: 0})
     gpu, old_gpu = torch.device("cuda", 0), torch.device("cuda", 1)
     assert pdl.mode(gpu, 264) == pdl.EARLY and pdl.mode(gpu, 263) == pdl.LATE
+    assert pdl.mode(gpu, 1000, early=False) == pdl.LATE
     assert pdl.mode(old_gpu, 1000) == 0 and pdl.mode(torch.device("cpu"), 1000) == 0
     assert pdl.launch(pdl.EARLY) == {"launch_pdl": True} and pdl.launch(0) == {}
     monkeypatch.setattr(pdl, "PDL", False)

@@ -139,7 +139,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     else:
         part = stat = out
     sm_b = mask.stride(0) if mask.shape[0] > 1 else 0
-    pdl_mode = pdl.mode(query.device, 0) and pdl.LATE  # few programs: the next kernel launches after the loop
+    pdl_mode = pdl.mode(query.device, b * hk * splits, early=False)  # the next kernel launches after the loop
     _decode_attn_kernel[(b * hk, splits)](
         query, key, value, mask, out, part, stat, hk, length, r, scale,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),

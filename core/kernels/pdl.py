@@ -61,9 +61,10 @@ def _sm_count(idx: int) -> int:
     return _sms[idx]
 
 
-def mode(device: torch.device, programs: int) -> int:
-    """The PDL constexpr for a kernel of `programs` programs on `device` (see the module docstring). Off until
-    the device has been probed outside a CUDA graph capture (the probe synchronizes)."""
+def mode(device: torch.device, programs: int, early: bool = True) -> int:
+    """The PDL constexpr for a kernel of `programs` programs on `device` (see the module docstring); early=False
+    for kernels that only wait or trigger late. Off until the device has been probed outside a CUDA graph capture
+    (the probe synchronizes)."""
     if not PDL or INTERPRET or device.type != "cuda" or torch.compiler.is_compiling():
         return 0
     idx = device.index if device.index is not None else torch.cuda.current_device()
@@ -72,7 +73,7 @@ def mode(device: torch.device, programs: int) -> int:
     sms = _sm_count(idx)
     if not sms:
         return 0
-    return EARLY if programs >= 2 * sms else LATE
+    return EARLY if early and programs >= 2 * sms else LATE
 
 
 def launch(pdl: int) -> dict:
@@ -89,7 +90,7 @@ def pdl_wait(PDL: tl.constexpr):
 
 @triton.jit
 def pdl_launch_dependents(PDL: tl.constexpr, AT: tl.constexpr):
-    """Let the next kernel launch, at point AT (EARLY: right after wait(); LATE: after the main loop)."""
+    """Let the next kernel launch, at point AT (EARLY: right after pdl_wait(); LATE: after the main loop)."""
     if PDL == AT:
         tl.extra.cuda.gdc_launch_dependents()
 

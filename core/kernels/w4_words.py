@@ -272,7 +272,7 @@ def sum_splits(y: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = 
     split, m, n = y.shape
     out = torch.empty(m, n, device=y.device, dtype=dtype)
     grid = triton.cdiv(m * n, 1024)
-    pdl_mode = pdl.mode(y.device, grid) and pdl.LATE  # wait only: it triggers no early launch
+    pdl_mode = pdl.mode(y.device, grid, early=False)  # it only waits
     _sum_splits_kernel[(grid,)](y, y if bias is None else bias, out, m * n, n, y.stride(0), SPLIT_K=split,
                                 HAS_BIAS=bias is not None, BLOCK=1024, PDL=pdl_mode, **pdl.launch(pdl_mode))
     return out
