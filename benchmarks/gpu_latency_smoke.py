@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.fusion import FUSED, unfuse  # noqa: E402
 from core.kernels import pdl  # noqa: E402
-from core.quant.linear import quantize_model_rtn  # noqa: E402
 from core.measure.latency import measure_latency  # noqa: E402
+from core.quant.linear import quantize_model_rtn  # noqa: E402
 from core.quant.w8a8 import quantize_model_w8a8  # noqa: E402
 
 
