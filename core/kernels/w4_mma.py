@@ -68,11 +68,21 @@ CHUNK_ASM_1: tl.constexpr = tl.constexpr(_chunk_asm(1))
 CHUNK_ASM_2: tl.constexpr = tl.constexpr(_chunk_asm(2))
 
 
+# Scales of C fragment rows: input element e (0..3) is the scale of row g + 8 e; outputs (pack = 4) are rows
+# (g, g, g + 8, g + 8) for the first tile and (g + 16, g + 16, g + 24, g + 24) for the second, as C element e of a
+# tile is in row 8 (e // 2). One load covers both tiles' rows without loading each twice.
+SCALE_ASM: tl.constexpr = tl.constexpr("mov.b32 $0, $8; mov.b32 $1, $8; mov.b32 $2, $9; mov.b32 $3, $9; "
+                                       "mov.b32 $4, $10; mov.b32 $5, $10; mov.b32 $6, $11; mov.b32 $7, $11;")
+
+
 @triton.jit
-def _scales(s_ptr, row_c, c, GPC: tl.constexpr, stride_sn, N, ok):
-    """Scale of chunk c for C fragment rows row_c (float32; 0 where not ok)."""
+def _scales(s_ptr, row0, e, c, GPC: tl.constexpr, stride_sn, N, ok, TILES: tl.constexpr):
+    """Scales (float32; 0 where not ok) of chunk c for the C fragments of the warp's tiles at row0 (_tile_chunk)."""
     grp = 0 if GPC == 0 else c // GPC
-    return tl.load(s_ptr + row_c * stride_sn + grp, mask=(row_c < N) & ok, other=0.0).to(tl.float32)
+    row = row0 + 8 * e
+    v = tl.load(s_ptr + row * stride_sn + grp, mask=(row < N) & (e < 2 * TILES) & ok, other=0.0).to(tl.float32)
+    return tl.inline_asm_elementwise(SCALE_ASM, "=f,=f,=f,=f,=f,=f,=f,=f,f,f,f,f", [v],
+                                     dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
 
 
 @triton.jit
@@ -138,19 +148,14 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K2, KW, stride_xm, stride_wn, 
     acc1 = tl.zeros([4, 32 * NW], dtype=tl.float32)
     acc2 = tl.zeros([4, 32 * NW], dtype=tl.float32)
     acc3 = tl.zeros([4, 32 * NW], dtype=tl.float32)
-    rca = row0 + 8 * (e // 2)  # row of C fragment element e, first tile
     first = pid_k * CHUNKS
     if AHEAD:
-        sa = _scales(s_ptr, rca, first, GPC, stride_sn, N, True)
-        sb = _scales(s_ptr, rca + 16, first, GPC, stride_sn, N, TILES == 2)
+        sa, sb = _scales(s_ptr, row0, e, first, GPC, stride_sn, N, True, TILES)
     for c in range(first, first + CHUNKS):
         if AHEAD:
-            more = c + 1 < first + CHUNKS
-            sa_next = _scales(s_ptr, rca, c + 1, GPC, stride_sn, N, more)
-            sb_next = _scales(s_ptr, rca + 16, c + 1, GPC, stride_sn, N, more & (TILES == 2))
+            sa_next, sb_next = _scales(s_ptr, row0, e, c + 1, GPC, stride_sn, N, c + 1 < first + CHUNKS, TILES)
         else:
-            sa = _scales(s_ptr, rca, c, GPC, stride_sn, N, True)
-            sb = _scales(s_ptr, rca + 16, c, GPC, stride_sn, N, TILES == 2)
+            sa, sb = _scales(s_ptr, row0, e, c, GPC, stride_sn, N, True, TILES)
         word = c * 16 + 4 * t + e  # words 4t..4t+3 of the chunk
         # x pairs of word j = 4t + jj of the chunk: x32[col][64 c + 16 t + 4 jj + p], p = e
         xk = c * 64 + 16 * t + e
@@ -196,11 +201,13 @@ def supported(bits: int, group_size: int, in_features: int, has_zeros: bool, pac
 
 def default_config(m: int, n: int, k: int) -> dict:
     """From benchmarks/gpu_w4_mma.py on an H100 (results/gpu_w4_mma.json): K split until the 64-row programs
-    number >= 4 per SM (at most 8 ways), 4 warps; for M > 8 on large layers (N or K >= 8192) two tiles per warp
-    (sharing x), with scales loaded a chunk ahead (AHEAD; results/gpu_w4_mma_scales_ahead.json)."""
+    number >= 4 per SM (at most 8 ways, or 16 while a program keeps >= 4 chunks: down's K;
+    results/gpu_w4_mma_s9.json), 4 warps; for M > 8 on large layers (N or K >= 8192) two tiles per warp (sharing x),
+    with scales loaded a chunk ahead (AHEAD; results/gpu_w4_mma_scales_ahead.json)."""
     chunks = k // 128
     split = 1
-    while split < 8 and chunks % (2 * split) == 0 and triton.cdiv(n, 64) * split < 4 * 132:
+    while (split < 16 and chunks % (2 * split) == 0 and (split < 8 or chunks // (2 * split) >= 4)
+           and triton.cdiv(n, 64) * split < 4 * 132):
         split *= 2
     two = m > 8 and max(n, k) >= 8192
     return {"NW": 4, "SPLIT_K": split, "num_warps": 4, "TILES": 2 if two else 1, "AHEAD": two}
