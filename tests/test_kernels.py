@@ -178,7 +178,8 @@ def test_interp_split_sum_kernel_and_its_compiled_form_agree():
     from core.kernels import w4_words
 
     g = torch.Generator().manual_seed(3)
-    for split, m, n in [(7, 1, 300), (3, 5, 33)]:
+    assert [w4_words.sum_block(v) for v in (300, 4096, 16 * 4096, 16 * 14336)] == [128, 128, 128, 512]
+    for split, m, n in [(7, 1, 300), (3, 5, 33), (4, 16, 300)]:  # the last over 38 programs of 128
         y = torch.randn(split, m, n, generator=g)
         for bias in (None, torch.randn(n, generator=g).to(torch.bfloat16)):
             ref = (y.double().sum(0) + (0 if bias is None else bias.double())).float()

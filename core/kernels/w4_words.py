@@ -262,6 +262,13 @@ def split_output(x: torch.Tensor, m: int, n: int, split: int) -> tuple[torch.Ten
     return y, y.stride(0)
 
 
+def sum_block(numel: int) -> int:
+    """Outputs per program of the summing kernel: about 2 programs per SM of an H100 where the output allows,
+    128..512 (benchmarks/gpu_sum_splits.py: a fixed 1024 left 4..64 programs for decode-sized outputs and took
+    2.1 us instead of 0.8-1.0 at [1, 4096] x 8 splits, 3.5 instead of 1.5 at [16, 4096] x 16)."""
+    return max(128, min(512, triton.next_power_of_2(numel // 264 + 1) // 2))
+
+
 def sum_splits(y: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
     """[M, N] in dtype: the sum of split_output's float32 partials [split, M, N] (+ bias [N]). Under torch.compile
     in PyTorch ops: Inductor unrolls a sum over <= 8 splits into the kernel that reads the result (the residual add
@@ -271,10 +278,12 @@ def sum_splits(y: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = 
         return out.to(dtype)
     split, m, n = y.shape
     out = torch.empty(m, n, device=y.device, dtype=dtype)
-    grid = triton.cdiv(m * n, 1024)
+    block = sum_block(m * n)
+    grid = triton.cdiv(m * n, block)
     pdl_mode = pdl.mode(y.device, grid, early=False)  # it only waits
     _sum_splits_kernel[(grid,)](y, y if bias is None else bias, out, m * n, n, y.stride(0), SPLIT_K=split,
-                                HAS_BIAS=bias is not None, BLOCK=1024, PDL=pdl_mode, **pdl.launch(pdl_mode))
+                                HAS_BIAS=bias is not None, BLOCK=block, PDL=pdl_mode, num_warps=4,
+                                **pdl.launch(pdl_mode))
     return out
 
 

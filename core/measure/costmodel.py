@@ -378,7 +378,7 @@ def cpu_profile(name: str = "CPU server (32 cores, 8x DDR5-4800)", cores: int = 
 # Achieved fraction of peak bandwidth of a Llama-3-8B layer's weight matmuls (q, k, v, o, gate, up, down) per
 # format and decode batch, slimlm's kernels on an H100 (see the calibrated presets below).
 _H100_KERNEL_BW = (("dense", 1, 0.732), ("dense", 4, 0.733), ("dense", 16, 0.718), ("dense", 64, 0.712),
-                   ("int4", 1, 0.535), ("int4", 4, 0.356), ("int4", 16, 0.280), ("int4", 64, 0.137),
+                   ("int4", 1, 0.542), ("int4", 4, 0.394), ("int4", 16, 0.324), ("int4", 64, 0.154),
                    ("int4-asym", 1, 0.530), ("int4-asym", 16, 0.255),
                    ("int8", 1, 0.550), ("int8", 4, 0.448), ("int8", 16, 0.428), ("int8", 64, 0.221),
                    ("w8a8-fp8", 1, 0.535), ("w8a8-fp8", 4, 0.541), ("w8a8-fp8", 16, 0.524), ("w8a8-fp8", 64, 0.409),
@@ -406,7 +406,8 @@ PRESET_HARDWARE: dict[str, Hardware] = {h.name: h for h in (
     # benchmarks/gpu_kernels.py (results/gpu_kernels_h100.json; session 5: int4 from results/gpu_kernels_h100_mma.json
     # (bf16-pair GEMV at batch 1, mma kernel at 2..16), int4-asym / int8 at batch 1 from
     # results/gpu_kernels_h100_pairs.json; session 6: w8a8-fp8 from results/gpu_kernels_fp8_skinny.json, the
-    # decode-sized FP8 kernel at batch <= 16), and the per-layer step overhead fitted to one
+    # decode-sized FP8 kernel at batch <= 16; session 9: int4 from results/gpu_kernels_h100_s9.json's "no PDL"
+    # column, as PDL did not change the decode step), and the per-layer step overhead fitted to one
     # decode measurement (bf16, batch 1; session 7, with core.fusion's norm / SiLU kernels and the decode attention
     # kernel in the loop: results/gpu_decode_s7.json, 7.59 ms/step; session 6 without the attention kernel: 51.6
     # us/layer, before core.fusion: 77).
