@@ -41,7 +41,7 @@ def main():
             w4_words._sum_splits_kernel[(grid,)](y, y, out, m * n, n, y.stride(0), SPLIT_K=split, HAS_BIAS=False,
                                                  BLOCK=block, PDL=mode, num_warps=nw, **pdl.launch(mode))
             return out
-        r = {"split": split, "M": m, "N": n, "us": {}, "default_block": w4_words.sum_block(m * n)}
+        r = {"split": split, "M": m, "N": n, "us": {}, "default_block": w4_words.sum_block(split)}
         for block in (128, 256, 512, 1024):
             for nw in (1, 2, 4):
                 torch.testing.assert_close(call(ys[0], block, nw).float(), ref, rtol=8e-3, atol=1e-3)

@@ -262,11 +262,11 @@ def split_output(x: torch.Tensor, m: int, n: int, split: int) -> tuple[torch.Ten
     return y, y.stride(0)
 
 
-def sum_block(numel: int) -> int:
-    """Outputs per program of the summing kernel: about 2 programs per SM of an H100 where the output allows,
-    128..512 (benchmarks/gpu_sum_splits.py: a fixed 1024 left 4..64 programs for decode-sized outputs and took
-    2.1 us instead of 0.8-1.0 at [1, 4096] x 8 splits, 3.5 instead of 1.5 at [16, 4096] x 16)."""
-    return max(128, min(512, triton.next_power_of_2(numel // 264 + 1) // 2))
+def sum_block(split: int) -> int:
+    """Outputs per program of the summing kernel: each program adds ~2048 partials (128..512 outputs). On an H100
+    that was the best or within 0.1 us of it at every decode-sized output (benchmarks/gpu_sum_splits.py,
+    results/gpu_sum_splits.json); a fixed 1024 left few programs and took 1.7-3.4 us instead of 0.8-1.6."""
+    return max(128, min(512, 2048 // triton.next_power_of_2(split)))
 
 
 def sum_splits(y: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -278,7 +278,7 @@ def sum_splits(y: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = 
         return out.to(dtype)
     split, m, n = y.shape
     out = torch.empty(m, n, device=y.device, dtype=dtype)
-    block = sum_block(m * n)
+    block = sum_block(split)
     grid = triton.cdiv(m * n, block)
     pdl_mode = pdl.mode(y.device, grid, early=False)  # it only waits
     _sum_splits_kernel[(grid,)](y, y if bias is None else bias, out, m * n, n, y.stride(0), SPLIT_K=split,
