@@ -264,7 +264,7 @@ def split_output(x: torch.Tensor, m: int, n: int, split: int) -> tuple[torch.Ten
 
 def sum_block(split: int) -> int:
     """Outputs per program of the summing kernel: each program adds ~2048 partials (128..512 outputs). On an H100
-    that was the best or within 0.1 us of it at every decode-sized output (benchmarks/gpu_sum_splits.py,
+    that was the best or within 0.2 us of it at every decode-sized output (benchmarks/gpu_sum_splits.py,
     results/gpu_sum_splits.json); a fixed 1024 left few programs and took 1.7-3.4 us instead of 0.8-1.6."""
     return max(128, min(512, 2048 // triton.next_power_of_2(split)))
 
