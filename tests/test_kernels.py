@@ -603,7 +603,6 @@ def _run_chunk_asm(asm: str, operands: list[list[int]]) -> list[list[float]]:
 
     lanes = [dict(("$" + str(i), v) for i, v in enumerate(ops)) for ops in operands]
     stmts = [s.strip() for s in asm.strip("{} ").split(";") if s.strip() and not s.strip().startswith(".reg")]
-    stmts = [s.strip("{} ") for s in stmts if s.strip("{} ")]
 
     def val(reg, r):
         return reg[r] if r in reg else int(r, 16) if r.startswith("0x") else int(r)
@@ -634,21 +633,8 @@ def _run_chunk_asm(asm: str, operands: list[list[int]]) -> list[list[float]]:
                 for i, (row, col) in enumerate([(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)]):
                     reg[d[i]] = D[row, col].item()
             continue
-        if op.startswith("shfl.sync.bfly"):  # d, value, lane mask, clamp, member mask: from lane ^ mask
-            src = [reg[a[1]] for reg in lanes]
-            for ln, reg in enumerate(lanes):
-                reg[a[0]] = src[ln ^ int(a[2])]
-            continue
-        for ln, reg in enumerate(lanes):
-            if op == "mov.u32" and a[1] == "%laneid":
-                reg[a[0]] = ln
-            elif op == "and.b32":
-                reg[a[0]] = val(reg, a[1]) & val(reg, a[2])
-            elif op == "setp.ne.u32":
-                reg[a[0]] = val(reg, a[1]) != val(reg, a[2])
-            elif op == "selp.b32":
-                reg[a[0]] = val(reg, a[1]) if reg[a[3]] else val(reg, a[2])
-            elif op == "mov.b32":
+        for reg in lanes:
+            if op == "mov.b32":
                 reg[a[0]] = val(reg, a[1])
             elif op == "mov.f32":
                 reg[a[0]] = 0.0
