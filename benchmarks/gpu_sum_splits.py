@@ -27,26 +27,19 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    from core.kernels import pdl, w4_words
+    from core.kernels import w4_words
 
     rows = []
     for split, m, n in CASES:
         ys = [torch.randn(split, m, n, device="cuda") for _ in range(8)]
         ref = ys[0].sum(0)
-
-        def call(y, block, nw, m=m, n=n, split=split):
-            out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-            grid = triton.cdiv(m * n, block)
-            mode = pdl.mode(y.device, grid, early=False)
-            w4_words._sum_splits_kernel[(grid,)](y, y, out, m * n, n, y.stride(0), SPLIT_K=split, HAS_BIAS=False,
-                                                 BLOCK=block, PDL=mode, num_warps=nw, **pdl.launch(mode))
-            return out
         r = {"split": split, "M": m, "N": n, "us": {}, "default_block": w4_words.sum_block(split)}
         for block in (128, 256, 512, 1024):
             for nw in (1, 2, 4):
-                torch.testing.assert_close(call(ys[0], block, nw).float(), ref, rtol=8e-3, atol=1e-3)
-                r["us"][f"BLOCK {block}, {nw} warps"] = gk.graph_time([lambda y=y, b=block, w=nw: call(y, b, w)
-                                                                        for y in ys])
+                def call(y, block=block, nw=nw):
+                    return w4_words.sum_splits(y, torch.bfloat16, block=block, num_warps=nw)
+                torch.testing.assert_close(call(ys[0]).float(), ref, rtol=8e-3, atol=1e-3)
+                r["us"][f"BLOCK {block}, {nw} warps"] = gk.graph_time([lambda y=y, call=call: call(y) for y in ys])
         torch.testing.assert_close(w4_words.sum_splits(ys[0], torch.bfloat16).float(), ref, rtol=8e-3, atol=1e-3)
         r["us"]["default (sum_splits)"] = gk.graph_time([lambda y=y: w4_words.sum_splits(y, torch.bfloat16)
                                                          for y in ys])

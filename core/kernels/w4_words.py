@@ -269,7 +269,8 @@ def sum_block(split: int) -> int:
     return max(128, min(512, 2048 // triton.next_power_of_2(split)))
 
 
-def sum_splits(y: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
+def sum_splits(y: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = None, block: int | None = None,
+               num_warps: int = 4) -> torch.Tensor:
     """[M, N] in dtype: the sum of split_output's float32 partials [split, M, N] (+ bias [N]). Under torch.compile
     in PyTorch ops: Inductor unrolls a sum over <= 8 splits into the kernel that reads the result (the residual add
     and the next norm), which saves a launch per split layer."""
@@ -278,11 +279,11 @@ def sum_splits(y: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = 
         return out.to(dtype)
     split, m, n = y.shape
     out = torch.empty(m, n, device=y.device, dtype=dtype)
-    block = sum_block(split)
+    block = block or sum_block(split)  # block / num_warps: overrides for benchmarks/gpu_sum_splits.py
     grid = triton.cdiv(m * n, block)
     pdl_mode = pdl.mode(y.device, grid, early=False)  # it only waits
     _sum_splits_kernel[(grid,)](y, y if bias is None else bias, out, m * n, n, y.stride(0), SPLIT_K=split,
-                                HAS_BIAS=bias is not None, BLOCK=block, PDL=pdl_mode, num_warps=4,
+                                HAS_BIAS=bias is not None, BLOCK=block, PDL=pdl_mode, num_warps=num_warps,
                                 **pdl.launch(pdl_mode))
     return out
 
