@@ -56,7 +56,8 @@ from core.measure import costmodel as cm
 from core.measure.decode import StaticDecoder
 
 T0 = time.time()
-CONFIGS = ("bf16", "w4a16", "fp8", "w4a16-head")  # w4a16-head: the lm_head in W4A16 too (not by default)
+CONFIGS = ("bf16", "w4a16", "fp8", "w4a16-head", "torchao-int4")  # w4a16-head: the lm_head in W4A16 too (not by
+# default); torchao-int4: torchao's Int4WeightOnlyConfig(128) on the same linears as w4a16 (needs torchao installed)
 DEFAULT_CONFIGS = ("bf16", "w4a16", "fp8")
 
 
@@ -124,6 +125,19 @@ def build(args, name, layers, dev):
         recs = w8a8.quantize_model_w8a8(model, "fp8", skip=("lm_head",))
         info.update(quantized_linears=len(recs), mean_rel_error=statistics.fmean(r["rel_error"] for r in recs))
         info["scaled_mm_out_dtype"] = str(w8a8.scaled_mm_dtype(str(dev))) if dev.type == "cuda" else None
+    elif name == "torchao-int4":  # the peer, side by side: same linears (lm_head kept in bf16) and group size
+        import torchao
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+        gs = 32 if args.tiny else 128
+        # set_inductor_config=False: torchao would otherwise change Inductor's settings for the process, and so for
+        # the other configurations' compiled steps; every configuration compiles with the same defaults
+        quantize_(model, Int4WeightOnlyConfig(group_size=gs, int4_packing_format=args.torchao_format,
+                                              set_inductor_config=False),
+                  filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and not fqn.endswith("lm_head"))
+        info.update(group_size=gs, torchao=torchao.__version__, torchao_format=args.torchao_format,
+                    quantized_linears=sum(type(m.weight) is not torch.nn.Parameter  # a torchao tensor subclass
+                                          for m in model.modules() if isinstance(m, torch.nn.Linear)))
     elif name != "bf16":
         raise ValueError(f"unknown configuration {name!r}")
     if dev.type == "cuda":
@@ -141,7 +155,13 @@ def step_weight_bytes(model) -> int:
     gathers B rows of it), each storage counted once."""
     emb = model.get_input_embeddings().weight
     seen, total = {emb.untyped_storage().data_ptr()}, 0
-    for t in list(model.parameters()) + list(model.buffers()):
+
+    def plain(t):  # a tensor subclass (torchao's quantized weights) holds its bytes in inner tensors
+        if hasattr(t, "__tensor_flatten__"):
+            return [u for n in t.__tensor_flatten__()[0] for u in plain(getattr(t, n))]
+        return [t]
+
+    for t in [u for v in list(model.parameters()) + list(model.buffers()) for u in plain(v)]:
         if t.device.type == "meta":
             continue
         p = t.untyped_storage().data_ptr()
@@ -287,6 +307,8 @@ def measure(args, model, info, name, b, dev, ceil, hws, stage, check_generate, c
 def setting_for(name, tiny):
     if name == "bf16":
         return cm.float_setting("bf16")
+    if name == "torchao-int4":  # a bf16 scale and zero point per group
+        return cm.weight_only(4, 32 if tiny else 128, symmetric=False)
     if name in ("w4a16", "w4a16-head"):
         return replace(cm.weight_only(4, 32 if tiny else 128), quantize_lm_head=name == "w4a16-head")
     return cm.w8a8("fp8")
@@ -377,10 +399,18 @@ def summary(result):
         targets["w4a16_b1>=2.5x_bf16"] = best["w4a16"] / best["bf16"] >= 2.5
     if best["bf16"] and best["w4a16-head"]:  # reported beside the target, not as it: the lm_head stays bf16 there
         s["w4a16-head_b1_best_speedup_vs_bf16_best"] = best["w4a16-head"] / best["bf16"]
+    if best["bf16"] and best["torchao-int4"]:
+        s["torchao-int4_b1_best_speedup_vs_bf16_best"] = best["torchao-int4"] / best["bf16"]
+    if best["w4a16"] and best["torchao-int4"]:
+        s["w4a16_b1_best_vs_torchao-int4_best"] = best["w4a16"] / best["torchao-int4"]
+    for b in sorted({r["batch"] for r in runs if "batch" in r}):  # same loop (CUDA graph, not compiled)
+        ours, peer = find(runs, "w4a16", b), find(runs, "torchao-int4", b)
+        if ours and peer:
+            s[f"w4a16_b{b}_vs_torchao-int4"] = ours["decode_tokens_per_s"] / peer["decode_tokens_per_s"]
     # against the calibrated profile where the card has one (benchmarks/costmodel_check.py compares every mode)
     targets["cost_model_decode_within_25pct"] = {
         f"{r['config']} b{r['batch']}": r["cost_model"].get("calibrated", r["cost_model"]["preset"])["decode_within_25pct"]
-        for r in runs if "error" not in r}
+        for r in runs if "error" not in r and r["config"] != "torchao-int4"}  # calibrated to slimlm's kernels
     s["targets"] = targets
     return s
 
@@ -406,6 +436,9 @@ def main():
                     help="a compiled variant starts only while at least --compile-reserve-s of this budget is left")
     ap.add_argument("--compile-reserve-s", type=float, default=75)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--torchao-format", default="tile_packed_to_4d",
+                    help="torchao-int4's int4_packing_format (tile_packed_to_4d: tinygemm; plain and preshuffled "
+                         "need MSLK)")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: use --device cpu --tiny for a smoke test")

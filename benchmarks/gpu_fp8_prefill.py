@@ -175,12 +175,15 @@ def layer_row(m, dev, reps):
 def model_rows(layers, ms, dev, repeats=5):
     """Whole-model prefill: Llama-3-8B shapes with `layers` decoder layers and random weights (gpu_decode.build),
     forward(input_ids [1, M], logits_to_keep=1) timed eagerly with CUDA events (median of `repeats` after a
-    warm-up). bf16 with transformers' own norms and SiLU ("plain"), bf16 with slimlm's norm / SiLU kernels
-    (core.fusion, as the latency measurement runs every model on CUDA), then the same model in FP8 W8A8 with the
-    quantization fused into those kernels, and unfused (transformers' norms, each FP8Linear quantizing). The
-    headline ratio compares bf16 and FP8 with the same norm / SiLU kernels. Logit differences of a random
-    32-layer model are large for tiny causes (bf16 with and without the kernels, which differ by an ulp here and
-    there, is the noise floor printed beside)."""
+    warm-up). At M = 2048 the host's Python is part of it: the fused FP8 model took 61.0 ms in one run and 35.5 ms
+    in the next on the same card (2026-11-26). Capturing the forward in a CUDA graph was tried and dropped: the
+    graphed forward ran slower (bf16 M = 8192: 322 ms against 232 eager) and its logits differed from the eager
+    ones, so other kernels ran. bf16 with transformers' own norms and SiLU ("plain"), bf16 with slimlm's norm /
+    SiLU kernels (core.fusion, as the latency measurement runs every model on CUDA), then the same model in FP8
+    W8A8 with the quantization fused into those kernels, and unfused (transformers' norms, each FP8Linear
+    quantizing). The headline ratio compares bf16 and FP8 with the same norm / SiLU kernels. Logit differences of
+    a random 32-layer model are large for tiny causes (bf16 with and without the kernels, which differ by an ulp
+    here and there, is the noise floor printed beside)."""
     import types
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -237,6 +240,7 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=10, help="calls per CUDA graph")
     p.add_argument("--model-layers", type=int, default=32, help="decoder layers of the whole-model prefill (0: skip)")
     p.add_argument("--model-ms", default="2048,8192")
+    p.add_argument("--model-only", action="store_true", help="only the whole-model prefill rows")
     args = p.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -249,7 +253,7 @@ def main() -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=1))
 
-    for name, (n, k) in SHAPES.items():
+    for name, (n, k) in ({} if args.model_only else SHAPES).items():
         for m in ms:
             row = shape_row(name, n, k, m, dev, args.reps)
             out["rows"].append(row)
@@ -262,7 +266,7 @@ def main() -> int:
                   flush=True)
             save()
             torch.cuda.empty_cache()
-    for m in ms:
+    for m in [] if args.model_only else ms:
         row = layer_row(m, dev, args.reps)
         out["rows"].append(row)
         us = row["us"]
