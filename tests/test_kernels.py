@@ -130,6 +130,29 @@ def test_interp_gemm_matches_reference(k, n, kdim, gs, bits, sym, m, dtype, spli
     assert _rel(y, _oracle(x, q)) < _tol(dtype)
 
 
+@interp
+@pytest.mark.parametrize("m", [40, 130])
+def test_interp_gemm_default_tiles_above_32_rows(k, m):
+    """The default tiles for M > 32 (BM 64 / 128, BK 128, the weight tile dequantized), with N and K not
+    multiples of the tiles and a short last group."""
+    q = _layer(72, 576, 4, 128, True)
+    x = _x(m, 576, torch.float16)
+    assert k.default_gemm_config(m, 72, 576, 4, 128)["BM"] == (64 if m <= 64 else 128)
+    y = k.gemm(x, *_args(q), q.bias)
+    assert y.shape == (m, 72) and _rel(y, _oracle(x, q)) < _tol(torch.float16)
+
+
+def test_gemm_split_rule_targets_fewer_programs_above_32_rows():
+    """Decode sizes split K until >= 4 programs per SM; from M = 64 one per SM is the target (H100 sweep)."""
+    pytest.importorskip("triton")
+    from core.kernels import w4a16
+
+    assert w4a16.default_split_k(16, 14336, 4096, 132, 64, 16) == 4  # 224 tiles -> 896 programs
+    assert w4a16.default_split_k(64, 14336, 4096, 132, 64, 64) == 1  # 224 tiles already >= 132
+    assert w4a16.default_split_k(64, 4096, 14336, 132, 64, 64) == 4  # 64 tiles -> 256
+    assert w4a16.default_split_k(64, 1024, 4096, 132, 64, 64) == 8  # 16 tiles, capped at 8 splits
+
+
 # word-reading GEMV (w4_words): 4-bit rows of whole 32-bit words; K=576 g=96 has 12 words per group (the
 # division path), g=128 the shift path with a short last group, None one group per row; BKW below the row's
 # words splits K (partials summed by a second kernel), ROWS not a multiple of N leaves a partial last block.

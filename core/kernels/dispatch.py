@@ -13,7 +13,8 @@ scales, zeros, bits, group_size, in_features, out_features, bias, qweight) by de
 
 The thresholds come from benchmarks/gpu_kernels.py on an H200 (benchmarks/results/gpu_kernels.json): the
 tensor-core kernel with split-K beat the CUDA-core GEMV at every M on the Llama-3-8B shapes, so GEMV_MAX_M = 0
-(gemv stays callable with path="gemv"); above M = 64 dequantize + cuBLAS beat our fused GEMM. At M = 1,
+(gemv stays callable with path="gemv"). With the tile rules of an H100 sweep (session 10) the fused GEMM beats
+dequantize + cuBLAS up to M = 256 (M = 128: half its time); above that dequantize + cuBLAS runs. At M = 1,
 gemv_words beat both on an H100 (benchmarks/gpu_w4_words.py); at 2 <= M <= 16, mma beat gemm on every Llama-3-8B
 shape (benchmarks/gpu_w4_mma.py).
 """
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 KERNEL_BITS = (4, 8)
 MMA_MAX_M = 16
 GEMV_MAX_M = 0
-DOT_MAX_M = 64
+DOT_MAX_M = 256
 _FLOAT16 = (torch.float16, torch.bfloat16)
 _failed: set[tuple] = set()
 

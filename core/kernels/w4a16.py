@@ -283,11 +283,13 @@ def default_gemv_config(m: int, n: int, k: int, bits: int, group_size: int) -> d
 
 def default_split_k(m: int, n: int, k: int, sms: int, bn: int = 64, bm: int = 16) -> int:
     """Split K (a power of two, <= 8, >= 4 K tiles of 128 per split) until the M x N tiles give >= 4 programs
-    per SM: at decode sizes one program per tile leaves too few loads in flight (H200 sweep: split 4 beat
-    split 1 on all four Llama-3-8B shapes at M = 1..16)."""
+    per SM for M <= 32, >= 1 above: at decode sizes one program per tile leaves too few loads in flight (H200
+    sweep: split 4 beat split 1 on all four Llama-3-8B shapes at M = 1..16); from M = 64 the larger tiles are
+    best at about one program per SM (H100 sweep, benchmarks/RESULTS.md session 10)."""
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    target = (4 if m <= 32 else 1) * sms
     split = 1
-    while tiles * split < 4 * sms and split < 8 and k // (split * 2) >= 512:
+    while tiles * split < target and split < 8 and k // (split * 2) >= 512:
         split *= 2
     return split
 
@@ -298,8 +300,10 @@ def default_gemm_config(m: int, n: int, k: int, bits: int, group_size: int) -> d
         c = {"BM": 16, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 4, "FOLD": True}
     elif m <= 32:
         c = {"BM": 32, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 4, "FOLD": True}
-    elif m <= 64:
-        c = {"BM": 64, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 4, "FOLD": False}
+    elif m <= 64:  # M > 32: from a sweep of 64-128 configs per M on an H100 (RESULTS.md, session 10)
+        c = {"BM": 64, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 3, "FOLD": False}
+    elif m <= 128:
+        c = {"BM": 128, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 3, "FOLD": False}
     else:
         c = {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3, "FOLD": False}
     c["BK"] = min(c["BK"], bk_max)
