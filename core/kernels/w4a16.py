@@ -304,8 +304,8 @@ def default_gemm_config(m: int, n: int, k: int, bits: int, group_size: int) -> d
         c = {"BM": 64, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 3, "FOLD": False}
     elif m <= 128:
         c = {"BM": 128, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 3, "FOLD": False}
-    else:
-        c = {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3, "FOLD": False}
+    else:  # not BK 64: with it, 3+ stages and no K split, some output tiles came out wrong on an H100 (Triton 3.6)
+        c = {"BM": 128, "BN": 128, "BK": 128, "num_warps": 8, "num_stages": 3, "FOLD": False}
     c["BK"] = min(c["BK"], bk_max)
     return c
 
