@@ -309,8 +309,8 @@ FOLD_SWEEP = [  # BM, BN, BK, warps, stages, FOLD, split_k, asm
     (16, 64, 128, 4, 4, True, 4, True), (16, 64, 128, 4, 4, True, 4, False), (16, 64, 128, 4, 4, True, 2, True),
     (16, 64, 128, 4, 4, True, 8, True), (16, 128, 128, 8, 4, True, 4, True),
 ]
-PREFILL_SWEEP = [
-    (64, 64, 128, 4, 4, False, 1, True), (128, 64, 128, 4, 3, False, 1, True), (128, 128, 64, 8, 3, False, 1, True),
+PREFILL_SWEEP = [  # (128, 128, 64, 8, 3, ...) wrote wrong tiles on gate/up from M = 129 (RESULTS.md, session 10)
+    (64, 64, 128, 4, 4, False, 1, True), (128, 64, 128, 4, 3, False, 1, True), (128, 128, 128, 8, 3, False, 1, True),
     (64, 128, 64, 4, 4, False, 1, True),
 ]
 
@@ -419,7 +419,8 @@ def timing(ceil, quick, deadline, sweep):
                     try:
                         us = graph_time([lambda q=q, kind=kind, cfg=cfg, sk=sk: run_candidate(w4a16, kind, cfg, sk, x, q)
                                          for q in qs])
-                        err = rel(run_candidate(w4a16, kind, cfg, sk, x, qs[0]), ref[bits])
+                        y = run_candidate(w4a16, kind, cfg, sk, x, qs[0])
+                        err = rel(y, ref[bits]) if worst(y, ref[bits]) <= WORST_TOL[torch.bfloat16] else float("inf")
                     except Exception as e:  # noqa: BLE001
                         r.setdefault("errors", {})[f"w{bits} {label}"] = repr(e)[:300]
                         log("ERROR", name, m, bits, label, repr(e)[:300])
