@@ -112,7 +112,7 @@ def worst(y, ref):
     return float(((y - ref).abs() / (a + a.mean())).max())
 
 
-WORST_TOL = {torch.bfloat16: 0.03, torch.float16: 0.01}  # correct kernels on an H100: <= 0.012 (bf16), 0.0012 (fp16)
+WORST_TOL = {torch.bfloat16: 0.03, torch.float16: 0.01}  # correct kernels on an H100: <= 0.014 (bf16), 0.0012 (fp16)
 
 
 def poison():
