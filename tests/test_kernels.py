@@ -142,7 +142,7 @@ def test_interp_gemm_default_tiles_above_32_rows(k, m):
     assert y.shape == (m, 72) and _rel(y, _oracle(x, q)) < _tol(torch.float16)
 
 
-def test_gemm_split_rule_targets_fewer_programs_above_32_rows():
+def test_gemm_split_and_stage_rules_above_32_rows():
     """Decode sizes split K until >= 4 programs per SM; from M = 64 one per SM is the target (H100 sweep)."""
     pytest.importorskip("triton")
     from core.kernels import w4a16
@@ -151,6 +151,10 @@ def test_gemm_split_rule_targets_fewer_programs_above_32_rows():
     assert w4a16.default_split_k(64, 14336, 4096, 132, 64, 64) == 1  # 224 tiles already >= 132
     assert w4a16.default_split_k(64, 4096, 14336, 132, 64, 64) == 4  # 64 tiles -> 256
     assert w4a16.default_split_k(64, 1024, 4096, 132, 64, 64) == 8  # 16 tiles, capped at 8 splits
+    # the 8-warp tile for M > 128 at a BK below 128 (groups of 64 or 32) runs 2 stages: with 3, BK 64 raced
+    assert w4a16.default_gemm_config(200, 14336, 4096, 4, 64) == {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8,
+                                                                  "num_stages": 2, "FOLD": False}
+    assert w4a16.default_gemm_config(200, 14336, 4096, 4, 128)["num_stages"] == 3
 
 
 # word-reading GEMV (w4_words): 4-bit rows of whole 32-bit words; K=576 g=96 has 12 words per group (the
