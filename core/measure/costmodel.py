@@ -377,7 +377,7 @@ def cpu_profile(name: str = "CPU server (32 cores, 8x DDR5-4800)", cores: int = 
 
 # Achieved fraction of peak bandwidth of a Llama-3-8B layer's weight matmuls (q, k, v, o, gate, up, down) per
 # format and decode batch, slimlm's kernels on an H100 (see the calibrated presets below). Batch 64 of int4 / int8:
-# the session-10 tile rules (benchmarks/results/gpu_kernels_h100_s10.json; int8 scaled by its measured 1.37x).
+# the session-10 tile rules (benchmarks/results/gpu_kernels_h100_s10*.json; int8 scaled by its measured 1.37x).
 _H100_KERNEL_BW = (("dense", 1, 0.732), ("dense", 4, 0.733), ("dense", 16, 0.718), ("dense", 64, 0.712),
                    ("int4", 1, 0.542), ("int4", 4, 0.394), ("int4", 16, 0.324), ("int4", 64, 0.194),
                    ("int4-asym", 1, 0.530), ("int4-asym", 16, 0.255),
