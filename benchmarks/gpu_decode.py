@@ -150,18 +150,20 @@ def build(args, name, layers, dev):
     return model, info
 
 
+def inner_tensors(t) -> list:
+    """The plain tensors holding t's bytes: t itself, or a tensor subclass's (torchao's quantized weights) inner
+    tensors."""
+    if hasattr(t, "__tensor_flatten__"):
+        return [u for n in t.__tensor_flatten__()[0] for u in inner_tensors(getattr(t, n))]
+    return [t]
+
+
 def step_weight_bytes(model) -> int:
     """Bytes of every parameter and buffer a decode step reads: all but the input embedding table (a step
     gathers B rows of it), each storage counted once."""
     emb = model.get_input_embeddings().weight
     seen, total = {emb.untyped_storage().data_ptr()}, 0
-
-    def plain(t):  # a tensor subclass (torchao's quantized weights) holds its bytes in inner tensors
-        if hasattr(t, "__tensor_flatten__"):
-            return [u for n in t.__tensor_flatten__()[0] for u in plain(getattr(t, n))]
-        return [t]
-
-    for t in [u for v in list(model.parameters()) + list(model.buffers()) for u in plain(v)]:
+    for t in [u for v in list(model.parameters()) + list(model.buffers()) for u in inner_tensors(v)]:
         if t.device.type == "meta":
             continue
         p = t.untyped_storage().data_ptr()

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_kernels as gk  # puts the repository on sys.path
+from gpu_decode import inner_tensors
 
 from core.kernels import pdl
 from core.kernels.dispatch import kernel_for, quant_matmul
@@ -56,10 +57,7 @@ def torchao_linears(n, k, fmt, copies):
 
 def tensor_bytes(t) -> int:
     """Bytes of a tensor, or of the inner tensors of a tensor subclass (torchao's quantized weights)."""
-    if hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(t, n)) for n in names)
-    return t.numel() * t.element_size()
+    return sum(u.numel() * u.element_size() for u in inner_tensors(t))
 
 
 def main() -> int:
