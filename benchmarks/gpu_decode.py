@@ -144,6 +144,11 @@ def build(args, name, layers, dev):
         from core.fusion import fuse_producers
 
         info["fused_modules"] = len(fuse_producers(model))  # as core.measure.latency runs every model on CUDA
+    if args.merge:  # after the fusion, which traces the separate projections
+        from core.merge import merge_projections
+
+        info["merged_blocks"] = len(merge_projections(model))
+    if dev.type == "cuda":
         torch.cuda.synchronize()
     info["quantize_s"] = time.perf_counter() - t
     gc.collect()
@@ -438,6 +443,9 @@ def main():
                     help="a compiled variant starts only while at least --compile-reserve-s of this budget is left")
     ap.add_argument("--compile-reserve-s", type=float, default=75)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-merge", dest="merge", action="store_false",
+                    help="keep q/k/v and gate/up as separate linears (default: merged, core.merge, as the app's "
+                         "latency measurement runs every model on CUDA)")
     ap.add_argument("--torchao-format", default="tile_packed_to_4d",
                     help="torchao-int4's int4_packing_format (tile_packed_to_4d: tinygemm; plain and preshuffled "
                          "need MSLK)")
@@ -459,7 +467,8 @@ def main():
 
     env = {"card": torch.cuda.get_device_name(0) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
            "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
-           "python": platform.python_version(), "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
+           "python": platform.python_version(), "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+           "merged_projections": args.merge}
     try:
         import triton
         env["triton"] = triton.__version__

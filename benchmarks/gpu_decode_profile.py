@@ -27,6 +27,8 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--configs", default="bf16,w4a16")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--max-len", type=int, default=192, help="cache length (gpu_decode.py: prompt 128 + 64 tokens)")
+    ap.add_argument("--no-merge", dest="merge", action="store_false", help="q/k/v and gate/up as separate linears")
     a = ap.parse_args()
     sys.argv = sys.argv[:1]  # gpu_decode parses nothing at import, but keep its view clean
     import torch
@@ -35,11 +37,11 @@ def main():
     from core.measure.decode import StaticDecoder, grouped_decode_attention
 
     dev = torch.device("cuda")
-    args = types.SimpleNamespace(tiny=False, seed=0, batches=[1])
+    args = types.SimpleNamespace(tiny=False, seed=0, batches=[1], merge=a.merge)
     out = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(0),
            "torch": torch.__version__, "command": "python3 " + " ".join(["benchmarks/gpu_decode_profile.py"]
                                                                          + sys.argv[1:]),
-           "layers": a.layers, "configs": {}}
+           "layers": a.layers, "max_len": a.max_len, "merged_projections": a.merge, "configs": {}}
     for name in a.configs.split(","):
         with torch.inference_mode(), grouped_decode_attention():  # as StaticDecoder.run steps
             out["configs"][name] = profile(a, gd, StaticDecoder, args, name, dev)
@@ -54,7 +56,7 @@ def profile(a, gd, decoder_cls, args, name, dev) -> dict:
     import torch
 
     model, _ = gd.build(args, name, a.layers, dev)
-    dec = decoder_cls(model, 1, 256, use_graph=False, compile=False)
+    dec = decoder_cls(model, 1, a.max_len, use_graph=False, compile=False)
     dec.prefill(torch.randint(0, 1000, (1, 128), device=dev))
     ex = torch._dynamo.explain(dec._step)()
     row = {"graphs": ex.graph_count, "graph_breaks": ex.graph_break_count,

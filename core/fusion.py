@@ -40,6 +40,7 @@ from torch import nn
 from .quant.w8a8 import FUSED_CODES, FP8Linear, _is_norm, fp8_kernel_ok, probed_once, trace_consumers
 
 FUSED = "_slimlm_fused"
+MERGED, SPLIT = "_slimlm_merged", "_slimlm_split"  # core.merge: the stacked linear of a block, its output widths
 log = logging.getLogger(__name__)
 
 
@@ -108,19 +109,32 @@ def _fused_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
     return type(self).forward(self, x)
 
 
-def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """A gated MLP's down(silu(gate(x)) * up(x)), with gate and up as one stacked product where core.merge merged
+    them, and silu(g) * u (with an FP8 down_proj, its codes) as one kernel where fused and the input qualifies."""
     down = self.down_proj
-    if _fusable(x, down.in_features):
+    stacked = getattr(self, MERGED, None)
+    if stacked is not None:
+        g, u = stacked(x).split(getattr(self, SPLIT), dim=-1)
+    else:
+        g, u = self.gate_proj(x), self.up_proj(x)
+    if (getattr(self, FUSED, False) and _fusable(x, down.in_features) and g.dtype == x.dtype and u.dtype == x.dtype
+            and g.stride(-1) == 1 and u.stride(-1) == 1):
         from .kernels.fp8_quant import silu_mul_fp8
 
-        g, u = self.gate_proj(x), self.up_proj(x)
-        if g.dtype == x.dtype and u.dtype == x.dtype and g.stride(-1) == 1 and u.stride(-1) == 1:
-            g, u = g.reshape(-1, down.in_features), u.reshape(-1, down.in_features)
-            if isinstance(down, FP8Linear) and down.fast:
-                return down.forward_quantized(*silu_mul_fp8(g, u), x.shape[:-1], x.dtype)
-            return down(silu_mul_fp8(g, u, quantize=False).view(*x.shape[:-1], down.in_features))
-        return down(self.act_fn(g) * u)
-    return type(self).forward(self, x)
+        g, u = g.reshape(-1, down.in_features), u.reshape(-1, down.in_features)
+        if isinstance(down, FP8Linear) and down.fast:
+            return down.forward_quantized(*silu_mul_fp8(g, u), x.shape[:-1], x.dtype)
+        return down(silu_mul_fp8(g, u, quantize=False).view(*x.shape[:-1], down.in_features))
+    return down(self.act_fn(g) * u)
+
+
+def set_mlp_forward(m: nn.Module) -> None:
+    """mlp_forward on a gated MLP that is fused or merged (or both); its own forward once it is neither."""
+    if getattr(m, FUSED, False) or MERGED in m.__dict__:
+        m.forward = types.MethodType(mlp_forward, m)
+    else:
+        m.__dict__.pop("forward", None)
 
 
 @torch.no_grad()
@@ -176,8 +190,8 @@ def fuse_producers(model: nn.Module) -> list[str]:
             fused.append(name)
     for name, m in model.named_modules():
         if not _is_norm(m) and _is_gated_silu_mlp(m):
-            m.forward = types.MethodType(_fused_mlp_forward, m)
             setattr(m, FUSED, True)
+            set_mlp_forward(m)
             fused.append(name)
     return fused
 
@@ -186,5 +200,8 @@ def unfuse(model: nn.Module) -> None:
     """Remove the fused forwards: every module runs its own again."""
     for m in model.modules():
         if getattr(m, FUSED, False):
-            del m.forward
             delattr(m, FUSED)
+            if getattr(m.__dict__.get("forward"), "__func__", None) is mlp_forward:
+                set_mlp_forward(m)  # a merged MLP keeps its merged forward
+            else:
+                m.__dict__.pop("forward", None)

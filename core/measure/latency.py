@@ -148,7 +148,29 @@ def measure_latency(model, prompt: torch.Tensor, decode_tokens: int, batch_sizes
     static_decode: None (default) = on CUDA, the static-cache decode loop with a CUDA graph (use_graph) and
     CUDA events; on CPU, the dynamic-cache loop. True / False force either (the static loop on CPU runs
     eagerly). If the static loop fails, or its first greedy tokens differ from the dynamic loop's, the
-    dynamic loop measures instead and `warnings` says why."""
+    dynamic loop measures instead and `warnings` says why.
+
+    On CUDA every model is timed with q/k/v and gate/up merged (core.merge), undone before returning."""
+    gpu_kernels = merged = None
+    if next(model.parameters()).is_cuda:  # the same fused kernels and merged projections for every model
+        from ..fusion import fuse_producers
+        from ..merge import merge_projections
+
+        gpu_kernels = {"fused_modules": len(fuse_producers(model))}  # first: it traces which linears read a norm
+        merged = merge_projections(model)
+        gpu_kernels["merged_blocks"] = len(merged)
+    try:
+        return _measure_latency(model, prompt, decode_tokens, batch_sizes, warmup, repeats, progress, static_decode,
+                                use_graph, compile, gpu_kernels)
+    finally:
+        if merged:
+            from ..merge import unmerge
+
+            unmerge(model)
+
+
+def _measure_latency(model, prompt, decode_tokens, batch_sizes, warmup, repeats, progress, static_decode, use_graph,
+                     compile, gpu_kernels) -> dict:
     device = next(model.parameters()).device
     ids = prompt.unsqueeze(0).to(device)
     total = (warmup + repeats) * (1 + len(batch_sizes))
@@ -160,12 +182,9 @@ def measure_latency(model, prompt: torch.Tensor, decode_tokens: int, batch_sizes
         if progress:
             progress("latency", done, total)
 
-    gpu_kernels = None
-    if device.type == "cuda":  # the same fused norm / SiLU kernels (and FP8 quantization in them) for every model
-        from ..fusion import fuse_producers
+    if device.type == "cuda":
         from . import decode as decode_mod
 
-        gpu_kernels = {"fused_modules": len(fuse_producers(model))}
         decode_mod.attention_kernel_used.discard(device.index)
     static = device.type == "cuda" if static_decode is None else static_decode
     res, warnings = None, []

@@ -1,0 +1,274 @@
+"""Merged projections for decoding: q/k/v as one linear, gate/up as one.
+
+At batch 1 a decode step is a chain of matrix-vector products, one kernel each, and a small product pays a launch,
+a ramp-up and a tail for few bytes: on an H100, Llama-3-8B's 4096 -> 1024 k and v projections reach about a third
+of the bandwidth of the big ones, in bf16 (cuBLAS) as in 4 bits (benchmarks/RESULTS.md). Linears that read the
+same input can be stacked into one wider product: q/k/v of an attention block, gate/up of a gated MLP, as vLLM and
+TensorRT-LLM load them. merge_projections(model) does that in place:
+
+  - for each group it builds one module of the group's own type (nn.Linear, QuantLinear, W8A8Linear, FP8Linear:
+    every weight tensor of these is [out_features, ...], so stacking is concatenating along dim 0), and the group's
+    modules keep their tensors as row slices of the stacked ones: no second copy of the weights, state_dict and
+    the checkpoint format unchanged (the stacked module is a plain attribute, not a submodule);
+  - the attention block and the MLP get a forward that runs the stacked module and splits its output; everything
+    else is the transformers forward it replaces (Llama-style attention: rotary embedding, cache update, the
+    configured attention function, o_proj).
+
+A block is merged only if its new forward gives its own forward's outputs (and cache writes) on a random probe,
+to float rounding (one wider product may sum in another order): an architecture that does more between the
+projections and the attention (Qwen3's per-head q/k norms, Gemma's scaling) fails the probe and keeps its forward.
+Groups of mixed types (e.g. a layer left in float beside quantized ones), different input widths or hooked modules
+(accelerate's offloading) are left alone. unmerge(model) gives every module its own storage back.
+
+The latency measurement merges every model it times on CUDA (core.measure.latency), float and compressed alike,
+so each setting is compared with the same decode structure.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import types
+
+import torch
+from torch import nn
+
+from .fusion import MERGED, SPLIT, set_mlp_forward
+from .quant.linear import QuantLinear
+from .quant.w8a8 import FP8Linear, W8A8Linear
+
+log = logging.getLogger(__name__)
+
+ATTENTION = ("q_proj", "k_proj", "v_proj")
+MLP = ("gate_proj", "up_proj")
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _empty(m: nn.Module, out_features: int) -> nn.Module | None:
+    """A module like `m` with `out_features` outputs, its tensors on the meta device (to be replaced)."""
+    bias = getattr(m, "bias", None) is not None
+    if type(m) is nn.Linear:
+        return nn.Linear(m.in_features, out_features, bias=bias, device="meta", dtype=m.weight.dtype)
+    if type(m) is QuantLinear:
+        return QuantLinear(m.in_features, out_features, m.bits, m.group_size, m.symmetric, bias=bias, device="meta")
+    if type(m) in (W8A8Linear, FP8Linear):
+        return type(m)(m.in_features, out_features, bias=bias, device="meta")
+    return None
+
+
+def _tensors(m: nn.Module) -> dict[str, torch.Tensor | None]:
+    return {**m._parameters, **m._buffers}
+
+
+def _rebind(m: nn.Module, name: str, t: torch.Tensor) -> None:
+    """Set a registered parameter or buffer to `t` (a parameter stays a parameter)."""
+    if name in m._parameters:
+        m._parameters[name] = nn.Parameter(t, requires_grad=m._parameters[name].requires_grad)
+    else:
+        m._buffers[name] = t
+
+
+def _stackable(mods: list[nn.Module]) -> bool:
+    first = mods[0]
+    if any(type(m) is not type(first) or m.in_features != first.in_features or list(m.children())
+           or any(getattr(m, h, None) for h in _HOOKS) or getattr(m, "fast", True) != getattr(first, "fast", True)
+           for m in mods):
+        return False
+    if type(first) is QuantLinear and any((m.bits, m.group_size, m.symmetric) !=
+                                          (first.bits, first.group_size, first.symmetric) for m in mods):
+        return False
+    ref = _tensors(first)
+    for m in mods:
+        ts = _tensors(m)
+        if ts.keys() != ref.keys():
+            return False
+        for name, t in ts.items():
+            r = ref[name]
+            if (t is None) != (r is None):
+                return False
+            if t is not None and (type(t) not in (torch.Tensor, nn.Parameter)  # a tensor subclass: torchao, 2:4
+                                  or t.shape[0] != m.out_features or t.shape[1:] != r.shape[1:] or t.dtype != r.dtype
+                                  or t.device != r.device):
+                return False
+    return True
+
+
+@torch.no_grad()
+def stack_linears(mods: list[nn.Module]) -> nn.Module | None:
+    """One module computing torch.cat([m(x) for m in mods], -1), or None if they cannot be stacked. The modules'
+    tensors become row slices of the stacked module's (no second copy)."""
+    if not mods or not _stackable(mods):
+        return None
+    stacked = _empty(mods[0], sum(m.out_features for m in mods))
+    if stacked is None:
+        return None
+    if hasattr(mods[0], "fast"):
+        stacked.fast = mods[0].fast
+    with torch.inference_mode(False):  # called under inference mode too (latency): keep ordinary tensors
+        for name, t in _tensors(mods[0]).items():
+            if t is None:
+                continue
+            _rebind(stacked, name, torch.cat([getattr(m, name) for m in mods]))
+            start, whole = 0, getattr(stacked, name)
+            for m in mods:
+                _rebind(m, name, whole.detach()[start:start + m.out_features])
+                start += m.out_features
+    return stacked
+
+
+@torch.no_grad()
+def _unstack(mods: list[nn.Module]) -> None:
+    with torch.inference_mode(False):
+        for m in mods:
+            for name, t in _tensors(m).items():
+                if t is not None:
+                    _rebind(m, name, t.detach().clone())
+
+
+# --- forwards --------------------------------------------------------------------------------------------------
+
+def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                       **kwargs):
+    """transformers' Llama-style attention forward with q/k/v from one stacked product."""
+    fns = self._slimlm_fns
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    q, k, v = getattr(self, MERGED)(hidden_states).split(getattr(self, SPLIT), dim=-1)
+    q = q.view(hidden_shape).transpose(1, 2)
+    k = k.view(hidden_shape).transpose(1, 2)
+    v = v.view(hidden_shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    q, k = fns.apply_rotary_pos_emb(q, k, cos, sin)
+    if past_key_values is not None:
+        k, v = past_key_values.update(k, v, self.layer_idx)
+    attention = fns.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                          fns.eager_attention_forward)
+    out, weights = attention(self, q, k, v, attention_mask, dropout=0.0 if not self.training else
+                             self.attention_dropout, scaling=self.scaling, **kwargs)
+    return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+
+class _RecordingCache:
+    """A cache for the probe: update() returns what it is given and keeps it."""
+
+    def __init__(self):
+        self.written = []
+
+    def update(self, k, v, layer_idx, *args, **kwargs):
+        self.written += [k, v]
+        return k, v
+
+
+def _near(got: torch.Tensor, ref: torch.Tensor) -> bool:
+    got, ref = got.float(), ref.float()
+    return got.shape == ref.shape and bool((got - ref).abs().max() <= 2 ** -6 * ref.abs().max() + 1e-6)
+
+
+def _device(m: nn.Module) -> torch.device:
+    return next(iter([*m.parameters(), *m.buffers()])).device
+
+
+def _attention_ok(attn: nn.Module, dtype: torch.dtype) -> bool:
+    """The merged forward reproduces the block's own on a 3-token probe: output and cache writes."""
+    device = _device(attn)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, attn.q_proj.in_features, generator=g).to(device, dtype)
+    angle = torch.randn(1, 3, attn.head_dim, generator=g).to(device)
+    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+    outs = []
+    for forward in (type(attn).forward, _attention_forward):
+        cache = _RecordingCache()
+        try:
+            y = forward(attn, x, position_embeddings=(cos, sin), attention_mask=None, past_key_values=cache)
+        except (RuntimeError, TypeError, ValueError, AttributeError, KeyError):
+            return False
+        outs.append([y[0] if isinstance(y, tuple) else y, *cache.written])
+    return len(outs[0]) == len(outs[1]) and all(_near(a, b) for a, b in zip(outs[1], outs[0]))
+
+
+def _mlp_ok(mlp: nn.Module, dtype: torch.dtype) -> bool:
+    from .fusion import mlp_forward
+
+    device = _device(mlp)
+    x = torch.randn(1, 3, mlp.gate_proj.in_features, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    try:
+        return _near(mlp_forward(mlp, x), type(mlp).forward(mlp, x))
+    except (RuntimeError, TypeError, ValueError):
+        return False
+
+
+def _attention_fns(attn: nn.Module):
+    """The functions the block's own module uses (rotary, attention registry), if it is transformers-Llama-like."""
+    ns = sys.modules.get(type(attn).__module__)
+    names = ("apply_rotary_pos_emb", "ALL_ATTENTION_FUNCTIONS", "eager_attention_forward")
+    if ns is None or not all(hasattr(ns, n) for n in names) or not all(
+            hasattr(attn, a) for a in ("head_dim", "layer_idx", "config", "scaling", "o_proj")):
+        return None
+    return types.SimpleNamespace(**{n: getattr(ns, n) for n in names})
+
+
+def _merge_block(block: nn.Module, names: tuple[str, ...], dtype: torch.dtype) -> bool:
+    mods = [getattr(block, n, None) for n in names]
+    if not all(isinstance(m, nn.Module) for m in mods):
+        return False
+    attention = names == ATTENTION
+    if attention:
+        fns = _attention_fns(block)
+        if fns is None:
+            return False
+        block._slimlm_fns = fns
+    elif not callable(getattr(block, "act_fn", None)) or not isinstance(getattr(block, "down_proj", None), nn.Module):
+        return False
+    stacked = stack_linears(mods)
+    if stacked is None:
+        return False
+    object.__setattr__(block, MERGED, stacked)  # not a submodule: state_dict, .modules() and memory sums unchanged
+    object.__setattr__(block, SPLIT, [m.out_features for m in mods])
+    if (_attention_ok if attention else _mlp_ok)(block, dtype):
+        if attention:
+            block.forward = types.MethodType(_attention_forward, block)
+        else:
+            set_mlp_forward(block)
+        return True
+    log.info("merge: %s's merged forward differs from its own; left unmerged", type(block).__name__)
+    _drop(block, mods)
+    return False
+
+
+def _drop(block: nn.Module, mods: list[nn.Module]) -> None:
+    _unstack(mods)
+    for attr in (MERGED, SPLIT, "_slimlm_fns"):
+        block.__dict__.pop(attr, None)
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    w = getattr(emb, "weight", None)
+    if isinstance(w, torch.Tensor) and w.is_floating_point():
+        return w.dtype
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def merge_projections(model: nn.Module) -> list[str]:
+    """Stack q/k/v and gate/up wherever the result equals the model's own forward (see the module docstring);
+    returns the names of the merged blocks. Idempotent."""
+    dtype, merged = _dtype(model), []
+    for name, block in model.named_modules():
+        if MERGED in block.__dict__:
+            continue
+        for names in (ATTENTION, MLP):
+            if all(isinstance(getattr(block, n, None), nn.Module) for n in names) and _merge_block(block, names, dtype):
+                merged.append(name)
+    return merged
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo merge_projections: every module owns its tensors again and runs its own forward (or core.fusion's)."""
+    for block in model.modules():
+        if MERGED not in block.__dict__:
+            continue
+        names = ATTENTION if block.__dict__.get("_slimlm_fns") is not None else MLP
+        _drop(block, [getattr(block, n) for n in names])
+        if names == ATTENTION:
+            block.__dict__.pop("forward", None)
+        else:
+            set_mlp_forward(block)
