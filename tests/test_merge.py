@@ -77,8 +77,8 @@ def test_layers_that_cannot_be_stacked_are_refused():
 def _tiny(kind="llama", layers=2):
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
-    dims = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=300, max_position_embeddings=128, tie_word_embeddings=False)
+    dims = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": layers, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 128, "tie_word_embeddings": False}
     cfg = LlamaConfig(**dims) if kind == "llama" else Qwen3Config(**dims, head_dim=16)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
