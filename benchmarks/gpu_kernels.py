@@ -51,6 +51,12 @@ SHAPES = {  # name: (N = out_features, K = in_features)
     "down 4096x14336": (4096, 14336),
     "k/v 1024x4096": (1024, 4096),
 }
+MERGED_SHAPES = {  # one layer as core.merge runs it in the decode loop: q/k/v and gate/up stacked
+    "q/k/v 6144x4096": (6144, 4096),
+    "o 4096x4096": (4096, 4096),
+    "gate/up 28672x4096": (28672, 4096),
+    "down 4096x14336": (4096, 14336),
+}
 MS = [1, 4, 16, 64, 256, 1024]
 if DRY:
     SHAPES = {"tiny 48x256": (48, 256), "tiny 32x384": (32, 384)}
@@ -489,7 +495,15 @@ def main():
     ap.add_argument("--correctness-s", type=float, default=200, help="stop starting correctness cases after this")
     ap.add_argument("--dry-cpu", action="store_true", help="smoke-test this script on a CPU (tiny shapes)")
     ap.add_argument("--no-sweep", action="store_true", help="time only the dispatcher's default configs")
+    ap.add_argument("--merged-shapes", action="store_true",
+                    help="time a layer's shapes as core.merge stacks them (q/k/v, o, gate/up, down)")
+    ap.add_argument("--ms", default=None, help="comma-separated batch sizes to time (default 1,4,16,64,256,1024)")
     args = ap.parse_args()
+    global SHAPES, MS
+    if args.merged_shapes and not DRY:
+        SHAPES = MERGED_SHAPES
+    if args.ms:
+        MS = [int(v) for v in args.ms.split(",")]
     deadline = T0 + args.budget_s
     import triton
 
@@ -499,7 +513,7 @@ def main():
            "l2_MB": prop.L2_cache_size / 1e6, "mem_GB": prop.total_memory / 1e9, "torch": torch.__version__,
            "cuda": torch.version.cuda, "triton": triton.__version__, "python": platform.python_version(),
            "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
-           "gemv_max_m": dispatch.GEMV_MAX_M, "dot_max_m": dispatch.DOT_MAX_M}
+           "gemv_max_m": dispatch.GEMV_MAX_M, "dot_max_m": dispatch.DOT_MAX_M, "shapes": SHAPES, "ms": MS}
     log(env)
     ceil = ceilings()
     log("ceilings", ceil)

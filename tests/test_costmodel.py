@@ -172,8 +172,8 @@ def test_calibrated_decode_by_hand():
     wb = cm.weight_bytes(L8, w4)
     kv = 131072 * 1.5
     peak = 3350e9
-    lin = wb["linear"] / (peak * 0.542)
-    rest = (wb["read_per_step"] - wb["linear"]) / (peak * 0.732)
+    lin = wb["linear"] / (peak * 0.620)
+    rest = (wb["read_per_step"] - wb["linear"]) / (peak * 0.789)
     e = cm.estimate(L8, w4, CAL, batch=1, prompt_len=1, gen_tokens=1)
     assert e.decode_ms == pytest.approx((lin + rest + kv / BW + 32 * CAL.layer_overhead_us * 1e-6) * 1e3, rel=1e-9)
     assert e.notes == []

@@ -375,16 +375,19 @@ def cpu_profile(name: str = "CPU server (32 cores, 8x DDR5-4800)", cores: int = 
                     memory_gb=memory_gb, price_per_hour=price_per_hour, int8_tops=4 * fp32)
 
 
-# Achieved fraction of peak bandwidth of a Llama-3-8B layer's weight matmuls (q, k, v, o, gate, up, down) per
-# format and decode batch, slimlm's kernels on an H100 (see the calibrated presets below). Batch 64 of int4 / int8:
-# the session-10 tile rules (benchmarks/results/gpu_kernels_h100_s10*.json; int8 scaled by its measured 1.37x).
-_H100_KERNEL_BW = (("dense", 1, 0.732), ("dense", 4, 0.733), ("dense", 16, 0.718), ("dense", 64, 0.712),
-                   ("int4", 1, 0.542), ("int4", 4, 0.394), ("int4", 16, 0.324), ("int4", 64, 0.194),
-                   ("int4-asym", 1, 0.530), ("int4-asym", 16, 0.255),
-                   ("int8", 1, 0.550), ("int8", 4, 0.448), ("int8", 16, 0.428), ("int8", 64, 0.302),
-                   ("w8a8-fp8", 1, 0.535), ("w8a8-fp8", 4, 0.541), ("w8a8-fp8", 16, 0.524), ("w8a8-fp8", 64, 0.409),
-                   ("w8a8-int8", 1, 0.189), ("w8a8-int8", 4, 0.179), ("w8a8-int8", 16, 0.162),
-                   ("w8a8-int8", 64, 0.153))
+# Achieved fraction of peak bandwidth of a Llama-3-8B layer's weight matmuls per format and decode batch, slimlm's
+# kernels on an H100 (see the calibrated presets below), with the layer as the decode loop runs it since session 11:
+# q/k/v and gate/up stacked (core.merge), so q/k/v 6144x4096, o, gate/up 28672x4096, down
+# (benchmarks/results/gpu_kernels_merged_s11.json; int4 from its "no PDL" column, int4-asym scaled by int4's no-PDL /
+# PDL ratio). The seven separate matmuls reached less: dense 0.732 / int4 0.542 / int8 0.550 / fp8 0.535 at batch 1
+# (results/gpu_kernels_h100_s9.json, _s10b.json).
+_H100_KERNEL_BW = (("dense", 1, 0.789), ("dense", 4, 0.789), ("dense", 16, 0.780), ("dense", 64, 0.768),
+                   ("int4", 1, 0.620), ("int4", 4, 0.475), ("int4", 16, 0.387), ("int4", 64, 0.200),
+                   ("int4-asym", 1, 0.614), ("int4-asym", 16, 0.330),
+                   ("int8", 1, 0.690), ("int8", 4, 0.574), ("int8", 16, 0.550), ("int8", 64, 0.335),
+                   ("w8a8-fp8", 1, 0.649), ("w8a8-fp8", 4, 0.647), ("w8a8-fp8", 16, 0.634), ("w8a8-fp8", 64, 0.512),
+                   ("w8a8-int8", 1, 0.284), ("w8a8-int8", 4, 0.272), ("w8a8-int8", 16, 0.248),
+                   ("w8a8-int8", 64, 0.226))
 
 
 PRESET_HARDWARE: dict[str, Hardware] = {h.name: h for h in (
@@ -408,20 +411,21 @@ PRESET_HARDWARE: dict[str, Hardware] = {h.name: h for h in (
     # (bf16-pair GEMV at batch 1, mma kernel at 2..16), int4-asym / int8 at batch 1 from
     # results/gpu_kernels_h100_pairs.json; session 6: w8a8-fp8 from results/gpu_kernels_fp8_skinny.json, the
     # decode-sized FP8 kernel at batch <= 16; session 9: int4 from results/gpu_kernels_h100_s9.json's "no PDL"
-    # column, as PDL did not change the decode step), and the per-layer step overhead fitted to one
-    # decode measurement (bf16, batch 1; session 7, with core.fusion's norm / SiLU kernels and the decode attention
-    # kernel in the loop: results/gpu_decode_s7.json, 7.59 ms/step; session 6 without the attention kernel: 51.6
-    # us/layer, before core.fusion: 77).
+    # column, as PDL did not change the decode step; session 11: the merged layer, _H100_KERNEL_BW above), and the
+    # per-layer step overhead fitted to one decode measurement (bf16, batch 1, merged projections:
+    # results/gpu_decode_merged_s11.json, 7.10 ms/step; session 7 with the separate projections: 45.8 us/layer;
+    # session 6 without the attention kernel: 51.6, before core.fusion: 77).
     Hardware("H100 SXM (slimlm kernels, measured)", "gpu", 3350, 989.5, 67, 80, 3.0, int8_tops=1979,
              fp8_tflops=1979, sparse24=True, match=("H100",),
-             kernel_bw=_H100_KERNEL_BW, layer_overhead_us=45.8,
+             kernel_bw=_H100_KERNEL_BW, layer_overhead_us=44.1,
              calibration="slimlm's Triton/cuBLAS kernels and CUDA-graph decode loop on an H100 80GB HBM3, "
                          "measured 2026-11-26"),
     # The same kernels with the decode step torch.compile'd before graph capture (the small ops fused): the
-    # per-layer overhead fitted to bf16 batch 1 compiled + graph (6.71 ms/step with the decode attention kernel,
-    # results/gpu_decode_s7.json; 23.2 us/layer before it).
+    # per-layer overhead fitted to bf16 batch 1 compiled + graph (6.24 ms/step, merged projections,
+    # results/gpu_decode_merged_s11.json; session 7 with the separate projections: 18.1 us/layer; 23.2 before the
+    # decode attention kernel).
     Hardware("H100 SXM (slimlm kernels, compiled step)", "gpu", 3350, 989.5, 67, 80, 3.0, int8_tops=1979,
-             fp8_tflops=1979, sparse24=True, match=("H100",), kernel_bw=_H100_KERNEL_BW, layer_overhead_us=18.1,
+             fp8_tflops=1979, sparse24=True, match=("H100",), kernel_bw=_H100_KERNEL_BW, layer_overhead_us=17.2,
              calibration="slimlm's Triton/cuBLAS kernels and compiled CUDA-graph decode loop on an H100 80GB HBM3, "
                          "measured 2026-11-26"),
     # A generic x86 server: 32 cores at 2.5 GHz with AVX-512, 8 channels of DDR5-4800 (307 GB/s),
