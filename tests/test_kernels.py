@@ -221,13 +221,14 @@ def test_interp_split_sum_kernel_and_its_compiled_form_agree():
 
 @interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # bf16 tl.dot: see BF16_DOT
-@pytest.mark.parametrize("b,hk,r,d,length,valid,splits", [
-    (1, 2, 4, 64, 100, [70], None),      # one split; masked tail
-    (1, 2, 4, 64, 100, [70], 3),         # three splits, the last one all masked
-    (2, 1, 5, 32, 300, [300, 129], 4),   # a mask row per sequence, R not a power of two
-    (1, 3, 1, 16, 64, [1], 2),           # one query head per KV head, one visible slot
+@pytest.mark.parametrize("b,hk,r,d,length,valid,splits,block", [
+    (1, 2, 4, 64, 100, [70], None, 32),      # one split; masked tail
+    (1, 2, 4, 64, 100, [70], 3, 32),         # three splits, the last one all masked
+    (2, 1, 5, 32, 300, [300, 129], 4, 32),   # a mask row per sequence, R not a power of two
+    (1, 3, 1, 16, 64, [1], 2, 32),           # one query head per KV head, one visible slot
+    (1, 2, 4, 64, 300, [200], 2, 128),       # the default block: blocks of 128 over chunks of 256, short last one
 ])
-def test_interp_decode_attention_matches_softmax(dtype, b, hk, r, d, length, valid, splits):
+def test_interp_decode_attention_matches_softmax(dtype, b, hk, r, d, length, valid, splits, block):
     from core.kernels import decode_attention
 
     g = torch.Generator().manual_seed(length + r)
@@ -235,7 +236,7 @@ def test_interp_decode_attention_matches_softmax(dtype, b, hk, r, d, length, val
     mask = torch.zeros(len(valid), 1, 1, length + 7, dtype=dtype)  # longer than the cache, as the decoder's
     for i, n in enumerate(valid):
         mask[i, ..., n:] = torch.finfo(dtype).min
-    out = decode_attention.decode_attention(q, k, v, mask, 0.3, splits=splits, block=32)
+    out = decode_attention.decode_attention(q, k, v, mask, 0.3, splits=splits, block=block)
     sc = 0.3 * q.double() @ k.double().transpose(-1, -2) + mask[..., :length].double()
     ref = torch.softmax(sc, -1) @ v.double()
     assert out.dtype == dtype and out.shape == ref.shape

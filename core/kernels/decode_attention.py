@@ -117,8 +117,10 @@ def default_splits(batch_heads: int, length: int, sms: int = 132) -> int:
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                     scale: float | None = None, splits: int | None = None, block: int = 64) -> torch.Tensor:
-    """[B, HK, R, D] in query's dtype; see the module docstring."""
+                     scale: float | None = None, splits: int | None = None, block: int = 128, num_warps: int = 4,
+                     num_stages: int = 2) -> torch.Tensor:
+    """[B, HK, R, D] in query's dtype; see the module docstring. block: keys per loop step (128 was faster than 64
+    and 256 on an H100 at 192-16384 cached tokens, batch 1 and 16: results/gpu_decode_attention_*_s11.json)."""
     if not supported(query, key, value, mask):
         raise ValueError(f"decode_attention takes q [B, HK, R, D], K/V [B, HK, L, D] and an additive mask "
                          f"[1|B, 1, 1, >=L]; got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(mask.shape)}, "
@@ -144,7 +146,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         query, key, value, mask, out, part, stat, hk, length, r, scale,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), sm_b, out.stride(0), out.stride(1), out.stride(2),
-        CHUNK=chunk, SPLITS=splits, RP=rp, D=d, BL=block, num_warps=4, num_stages=2,
+        CHUNK=chunk, SPLITS=splits, RP=rp, D=d, BL=block, num_warps=num_warps, num_stages=num_stages,
         PREC="ieee" if query.dtype == torch.float32 else "tf32",  # float32 as SDPA computes it, not in TF32
         PDL=pdl_mode, **pdl.launch(pdl_mode))
     if splits > 1:
