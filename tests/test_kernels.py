@@ -271,6 +271,7 @@ def test_words_default_tiles_follow_the_sweep():
     assert pairs["gate/up"] == {"ROWS": 32, "BN": 8, "BKW": 512, "num_warps": 8, "num_stages": 1}
     assert pairs["down"] == {"ROWS": 32, "BN": 8, "BKW": 256, "num_warps": 4, "num_stages": 1}
     assert pairs["q/o"]["ROWS"] == 8 and pairs["q/o"]["num_warps"] == 8
+    assert rule(6144, 4096, 4, True)["ROWS"] == 16  # merged q/k/v (core.merge)
 
 
 @interp

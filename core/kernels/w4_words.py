@@ -327,14 +327,14 @@ def default_gemv_config(n: int, k: int, bits: int = 4, pairs: bool = False) -> d
     """Tile rules from benchmarks/gpu_w4_words.py on an H100, each Llama-3-8B shape's best config or within 5 % of
     it. pairs (4-bit codes, bf16 x: _word_dot_bf16x2; results/gpu_w4_words_pairs.json): 8 rows at a time, K in one
     chunk when a row has at most 512 words, else chunks of 256 (split K, 4 warps), 32 rows per program for wide
-    layers (N >= 8192) or a split K, else 8, 8 warps. Codes in float32 (8-bit, fp16 x; results/gpu_w4_words.json):
+    layers (N >= 8192) or a split K, 16 for 4096 < N < 8192, else 8, 8 warps. Codes in float32 (8-bit, fp16 x; results/gpu_w4_words.json):
     4 rows at a time, chunks of 512 / 256 words (2 warps when split), 16 or 8 rows per program."""
     kw = -(-k // (32 // bits))
     split = kw > 512
     bkw = 256 if split else min(512, max(32, triton.next_power_of_2(kw)))
-    if pairs:
-        return {"ROWS": 32 if split or n >= 8192 else 8, "BN": 8, "BKW": bkw, "num_warps": 4 if split else 8,
-                "num_stages": 1}
+    if pairs:  # 16 rows from 4096 < N < 8192 (merged q/k/v, 6144: 7.7 vs 8.3 us; gpu_w4_gemv_merged_sweep_s11.json)
+        rows = 32 if split or n >= 8192 else 16 if n > 4096 else 8
+        return {"ROWS": rows, "BN": 8, "BKW": bkw, "num_warps": 4 if split else 8, "num_stages": 1}
     return {"ROWS": 16 if split or n >= 8192 else 8, "BN": 4, "BKW": bkw, "num_warps": 2 if split else 4,
             "num_stages": 1}
 
