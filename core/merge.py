@@ -132,14 +132,24 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     fns = self._slimlm_fns
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    q, k, v = getattr(self, MERGED)(hidden_states).split(getattr(self, SPLIT), dim=-1)
-    q = q.view(hidden_shape).transpose(1, 2)
-    k = k.view(hidden_shape).transpose(1, 2)
-    v = v.view(hidden_shape).transpose(1, 2)
+    qkv = getattr(self, MERGED)(hidden_states)
     cos, sin = position_embeddings
-    q, k = fns.apply_rotary_pos_emb(q, k, cos, sin)
-    if past_key_values is not None:
-        k, v = past_key_values.update(k, v, self.layer_idx)
+    sizes = getattr(self, SPLIT)
+    fused = None
+    if fns.standard_rope and past_key_values is not None and hasattr(past_key_values, "update_rotary"):
+        # slimlm's static cache: rotary embedding and cache write as one kernel (core.kernels.rope_cache)
+        fused = past_key_values.update_rotary(qkv, cos, sin, self.layer_idx, sizes[0] // self.head_dim,
+                                              sizes[1] // self.head_dim)
+    if fused is not None:
+        q, k, v = fused
+    else:
+        q, k, v = qkv.split(sizes, dim=-1)
+        q = q.view(hidden_shape).transpose(1, 2)
+        k = k.view(hidden_shape).transpose(1, 2)
+        v = v.view(hidden_shape).transpose(1, 2)
+        q, k = fns.apply_rotary_pos_emb(q, k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
     attention = fns.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                           fns.eager_attention_forward)
     out, weights = attention(self, q, k, v, attention_mask, dropout=0.0 if not self.training else
@@ -203,7 +213,26 @@ def _attention_fns(attn: nn.Module):
     if ns is None or not all(hasattr(ns, n) for n in names) or not all(
             hasattr(attn, a) for a in ("head_dim", "layer_idx", "config", "scaling", "o_proj")):
         return None
-    return types.SimpleNamespace(**{n: getattr(ns, n) for n in names})
+    fns = types.SimpleNamespace(**{n: getattr(ns, n) for n in names})
+    fns.standard_rope = _standard_rope(fns.apply_rotary_pos_emb)
+    return fns
+
+
+@torch.no_grad()
+def _standard_rope(apply) -> bool:
+    """Whether the module's rotary function is q * cos + rotate_half(q) * sin over the whole head (Llama's), the
+    form core.kernels.rope_cache computes."""
+    g = torch.Generator().manual_seed(0)
+    q, k, cos, sin = (torch.randn(shape, generator=g) for shape in ((1, 2, 3, 8), (1, 1, 3, 8), (1, 3, 8), (1, 3, 8)))
+
+    def ref(x):
+        return x * cos[:, None] + torch.cat((-x[..., 4:], x[..., :4]), dim=-1) * sin[:, None]
+
+    try:
+        got = apply(q, k, cos, sin)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return len(got) == 2 and torch.equal(got[0], ref(q)) and torch.equal(got[1], ref(k))
 
 
 def _merge_block(block: nn.Module, names: tuple[str, ...], dtype: torch.dtype) -> bool:

@@ -243,6 +243,63 @@ def test_interp_decode_attention_matches_softmax(dtype, b, hk, r, d, length, val
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-3 if dtype == torch.float16 else 1e-5)
 
 
+@interp
+# bf16: Triton 3.8's interpreter truncates float32 -> bf16 instead of rounding and negates bf16 wrongly; the same
+# comparison in bf16 runs on the GPU in benchmarks/gpu_rope_cache.py
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("b,s,heads,kv_heads,d,cos_batch", [
+    (1, 1, 4, 2, 16, 1),    # a decode step
+    (2, 3, 6, 2, 32, 2),    # a prefill of 3 tokens, a cos/sin row per sequence; 10 heads: a part-filled block
+    (1, 2, 2, 1, 8, 1),
+])
+def test_interp_rope_to_cache_equals_transformers(dtype, b, s, heads, kv_heads, d, cos_batch):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from core.kernels import rope_cache
+
+    g = torch.Generator().manual_seed(b * 100 + s * 10 + heads)
+    qkv = torch.randn(b, s, (heads + 2 * kv_heads) * d, generator=g).to(dtype)
+    angle = torch.randn(cos_batch, s, d, generator=g) * 3
+    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+    length, pos = 9, torch.arange(4, 4 + s)
+    k_cache, v_cache = (torch.randn(b, kv_heads, length, d, generator=g).to(dtype) for _ in range(2))
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    q, k, v = (t.view(b, s, -1, d).transpose(1, 2) for t in qkv.split([heads * d, kv_heads * d, kv_heads * d], -1))
+    q_ref, k_rot = apply_rotary_pos_emb(q, k, cos, sin)
+    k_ref.index_copy_(2, pos, k_rot)
+    v_ref.index_copy_(2, pos, v)
+    got = rope_cache.rope_to_cache(qkv, cos, sin, pos, k_cache, v_cache, heads, kv_heads)
+    assert got.shape == q_ref.shape and torch.equal(got, q_ref)  # bit for bit, products rounded as PyTorch does
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)  # and the other slots untouched
+    with pytest.raises(ValueError, match="rope_to_cache takes"):
+        rope_cache.rope_to_cache(qkv, cos, sin, pos, k_cache[..., :-1], v_cache, heads, kv_heads)
+
+
+@interp
+def test_interp_static_decoder_on_merged_llama_uses_the_rope_kernel_and_gives_generate_tokens(monkeypatch):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from core.kernels import rope_cache
+    from core.measure.decode import decode
+    from core.merge import merge_projections
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=300, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(1, 300, (1, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                             pad_token_id=0)[:, 7:]
+    assert len(merge_projections(model)) == 4
+    calls = []
+    real = rope_cache.rope_to_cache
+    monkeypatch.setattr(rope_cache, "rope_to_cache", lambda *a: calls.append(a[0].shape) or real(*a))
+    tokens, _ = decode(model, ids, new_tokens=5, use_graph=False)
+    assert torch.equal(tokens, ref)
+    assert len(calls) >= 2 * 4 and all(shape[1] == 1 for shape in calls)  # every decode step of both layers
+
+
 def test_decode_attention_refusals_and_splits():
     pytest.importorskip("triton")
     from core.kernels import decode_attention as da

@@ -172,3 +172,17 @@ def test_merged_step_traces_as_one_graph():
     with torch.no_grad():
         explained = torch._dynamo.explain(lambda ids: model(ids, use_cache=False).logits)(IDS)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_only_llamas_rotary_form_counts_as_standard():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from core.merge import _standard_rope
+
+    def interleaved(q, k, cos, sin):  # GPT-J style: rotates pairs (2i, 2i + 1), not halves
+        def rot(x):
+            return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+        return q * cos[:, None] + rot(q) * sin[:, None], k * cos[:, None] + rot(k) * sin[:, None]
+
+    assert _standard_rope(apply_rotary_pos_emb)
+    assert not _standard_rope(interleaved)

@@ -28,6 +28,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import os
 import time
 
 import torch
@@ -82,6 +83,32 @@ class StaticKVCache(_cache_base()):
         v.index_copy_(2, self.write_pos, value_states.to(v.dtype))
         return k, v
 
+    def update_rotary(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer_idx: int, heads: int,
+                      kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """For a merged q/k/v projection (core.merge): the rotary embedding of q and k and this update in one kernel
+        (core.kernels.rope_cache). Returns (rotated q [B, H, S, D], K buffer, V buffer), or None where the kernel
+        does not apply (no buffers yet, not CUDA, ...): the caller then rotates and calls update()."""
+        k = self.key_cache.get(layer_idx)
+        if (not ROPE_KERNEL or k is None or self.write_pos is None or qkv.device.index in _rope_failed
+                or not (qkv.is_cuda or _interpreted()) or torch.is_grad_enabled() and qkv.requires_grad):
+            return None
+        from core.kernels.dispatch import triton_available
+
+        v = self.value_cache[layer_idx]
+        if not triton_available():
+            return None
+        from core.kernels import rope_cache
+
+        if (not rope_cache.supported(qkv, cos, sin, k, v, heads, kv_heads, k.shape[-1])
+                or self.write_pos.shape != qkv.shape[1:2]):
+            return None
+        try:
+            return rope_cache.rope_to_cache(qkv, cos, sin, self.write_pos, k, v, heads, kv_heads), k, v
+        except Exception as e:  # noqa: BLE001  (triton's CompilationError is no RuntimeError)
+            log.warning("rotary + cache kernel failed (%s); using transformers' rotary and the cache update", e)
+            _rope_failed.add(qkv.device.index)
+            return None
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
 
@@ -131,6 +158,13 @@ def grouped_decode_sdpa(orig, module, query, key, value, attention_mask, dropout
 
 
 DECODE_ATTENTION_KERNEL = True  # False: SDPA for the decode step too (A/B runs)
+ROPE_KERNEL = True  # False: transformers' rotary embedding and cache update for merged q/k/v too (A/B runs)
+_rope_failed: set = set()
+
+
+def _interpreted() -> bool:
+    """Triton's CPU interpreter is on (tests run the kernels on CPU tensors that way)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _attention_failed: set = set()
 attention_kernel_used: set = set()  # device indices where the kernel ran (read by core.measure.latency)
 
