@@ -226,7 +226,8 @@ def test_interp_split_sum_kernel_and_its_compiled_form_agree():
     (1, 2, 4, 64, 100, [70], 3, 32),         # three splits, the last one all masked
     (2, 1, 5, 32, 300, [300, 129], 4, 32),   # a mask row per sequence, R not a power of two
     (1, 3, 1, 16, 64, [1], 2, 32),           # one query head per KV head, one visible slot
-    (1, 2, 4, 64, 300, [200], 2, 128),       # the default block: blocks of 128 over chunks of 256, short last one
+    (1, 2, 4, 64, 300, [200], 2, 128),       # blocks of 128 over chunks of 256, short last one
+    (1, 2, 4, 64, 200, [150], None, None),   # the default rule: one split of 129-256 keys in one block of 256
 ])
 def test_interp_decode_attention_matches_softmax(dtype, b, hk, r, d, length, valid, splits, block):
     from core.kernels import decode_attention
@@ -791,6 +792,37 @@ def _compile_sm90(fn, sig: dict, constexprs: dict, divisible: tuple, num_warps: 
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     src = ASTSource(fn=fn, signature=sig, attrs=attrs, constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm
+
+
+def test_decode_attention_default_tiles_fit_in_shared_memory():
+    """A tile that needs more shared memory than the GPU has fails at launch, and the decoder then gives up the
+    kernel for the device: compile each default tile for sm_90 and check its shared memory (an H100 has 227 KiB
+    per block; 160 KiB leaves room for an A100's 163)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from core.kernels import decode_attention as da
+
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(bundled) and shutil.which("ptxas") is None:
+        pytest.skip("no ptxas: cannot compile for sm_90 here")
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    tiles = {(name, d, tuple(da.default_tile(dt, d, n).items())) for name, dt in dtypes.items() for d in (64, 128, 256)
+             for n in (192, 1024)}
+    assert len(tiles) == 13
+    for name, d, tile in sorted(tiles):
+        tile = dict(tile)
+        sig = {**{n: f"*{name}" for n in ("q_ptr", "k_ptr", "v_ptr", "m_ptr", "o_ptr")}, "part_ptr": "*fp32",
+               "stat_ptr": "*fp32", "HK": "i32", "L": "i32", "R": "i32", "scale": "fp32",
+               **{n: "i32" for n in "sq_b sq_h sq_r sk_b sk_h sk_l sv_b sv_h sv_l sm_b so_b so_h so_r".split()}}
+        consts = {"CHUNK": 256, "SPLITS": 1, "RP": 16, "D": d, "BL": tile["BL"],
+                  "PREC": "ieee" if name == "fp32" else "tf32", "PDL": 0}
+        src = ASTSource(fn=da._decode_attn_kernel, signature={**sig, **{k: "constexpr" for k in consts}},
+                        constexprs=consts)
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": tile["num_warps"], "num_stages": 2})
+        assert compiled.metadata.shared <= 160 * 1024, (name, d, tile, compiled.metadata.shared)
 
 
 @pytest.mark.parametrize("nt", [1, 2])

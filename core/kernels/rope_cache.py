@@ -10,17 +10,31 @@ transformers' bit for bit (tests).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 HEADS_PER_PROGRAM = 8
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _mul(a, b, USE_ASM: tl.constexpr):
+    """a * b in float32, as an explicitly rounded PTX mul: the compiler may not contract it with the following add
+    into an FMA (which rounds once where PyTorch's separate kernels round twice)."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return a * b
 
 
 @triton.jit
 def _rope_cache_kernel(x_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, S, H, HK,
                        sx_b, sx_s, sc_b, sc_s, ss_b, ss_s, sq_b, sq_s, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
-                       D: tl.constexpr, HB: tl.constexpr):
+                       D: tl.constexpr, HB: tl.constexpr, USE_ASM: tl.constexpr):
     t = tl.program_id(0)
     b = t // S
     s = t % S
@@ -35,8 +49,8 @@ def _rope_cache_kernel(x_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, S,
     c = tl.load(cos_ptr + b * sc_b + s * sc_s + dd)[None, :]
     sn = tl.load(sin_ptr + b * ss_b + s * ss_s + dd)[None, :]
     dt = x.dtype
-    y = ((x.to(tl.float32) * c.to(tl.float32)).to(dt).to(tl.float32)
-         + (xp.to(tl.float32) * sn.to(tl.float32)).to(dt).to(tl.float32)).to(dt)
+    y = (_mul(x.to(tl.float32), c.to(tl.float32), USE_ASM).to(dt).to(tl.float32)
+         + _mul(xp.to(tl.float32), sn.to(tl.float32), USE_ASM).to(dt).to(tl.float32)).to(dt)
     pos = tl.load(pos_ptr + s)
     tl.store(q_ptr + b * sq_b + s * sq_s + hh[:, None] * D + dd[None, :], y, mask=(hh < H)[:, None])
     kh = hh - H
@@ -79,5 +93,5 @@ def rope_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: 
                              qkv.stride(0), qkv.stride(1), cb[0], cos.stride(1), cb[1], sin.stride(1),
                              q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                              v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-                             D=head_dim, HB=hb, num_warps=4 if head_dim * hb >= 1024 else 1)
+                             D=head_dim, HB=hb, USE_ASM=not INTERPRET, num_warps=4 if head_dim * hb >= 1024 else 1)
     return q.transpose(1, 2)

@@ -412,20 +412,20 @@ PRESET_HARDWARE: dict[str, Hardware] = {h.name: h for h in (
     # results/gpu_kernels_h100_pairs.json; session 6: w8a8-fp8 from results/gpu_kernels_fp8_skinny.json, the
     # decode-sized FP8 kernel at batch <= 16; session 9: int4 from results/gpu_kernels_h100_s9.json's "no PDL"
     # column, as PDL did not change the decode step; session 11: the merged layer, _H100_KERNEL_BW above), and the
-    # per-layer step overhead fitted to one decode measurement (bf16, batch 1, merged projections:
-    # results/gpu_decode_merged_s11.json, 7.10 ms/step; session 7 with the separate projections: 45.8 us/layer;
-    # session 6 without the attention kernel: 51.6, before core.fusion: 77).
+    # per-layer step overhead fitted to one decode measurement (bf16, batch 1, merged projections and the rotary +
+    # cache kernel: results/gpu_decode_s11.json, 6.34 ms/step; merged alone: 44.1 us/layer; session 7 with the
+    # separate projections: 45.8; session 6 without the attention kernel: 51.6, before core.fusion: 77).
     Hardware("H100 SXM (slimlm kernels, measured)", "gpu", 3350, 989.5, 67, 80, 3.0, int8_tops=1979,
              fp8_tflops=1979, sparse24=True, match=("H100",),
-             kernel_bw=_H100_KERNEL_BW, layer_overhead_us=44.1,
+             kernel_bw=_H100_KERNEL_BW, layer_overhead_us=20.4,
              calibration="slimlm's Triton/cuBLAS kernels and CUDA-graph decode loop on an H100 80GB HBM3, "
                          "measured 2026-11-26"),
     # The same kernels with the decode step torch.compile'd before graph capture (the small ops fused): the
-    # per-layer overhead fitted to bf16 batch 1 compiled + graph (6.24 ms/step, merged projections,
-    # results/gpu_decode_merged_s11.json; session 7 with the separate projections: 18.1 us/layer; 23.2 before the
-    # decode attention kernel).
+    # per-layer overhead fitted to bf16 batch 1 compiled + graph (6.18 ms/step, merged projections and the rotary +
+    # cache kernel, results/gpu_decode_s11.json; merged alone: 17.2 us/layer; session 7 with the separate
+    # projections: 18.1; 23.2 before the decode attention kernel).
     Hardware("H100 SXM (slimlm kernels, compiled step)", "gpu", 3350, 989.5, 67, 80, 3.0, int8_tops=1979,
-             fp8_tflops=1979, sparse24=True, match=("H100",), kernel_bw=_H100_KERNEL_BW, layer_overhead_us=17.2,
+             fp8_tflops=1979, sparse24=True, match=("H100",), kernel_bw=_H100_KERNEL_BW, layer_overhead_us=15.5,
              calibration="slimlm's Triton/cuBLAS kernels and compiled CUDA-graph decode loop on an H100 80GB HBM3, "
                          "measured 2026-11-26"),
     # A generic x86 server: 32 cores at 2.5 GHz with AVX-512, 8 channels of DDR5-4800 (307 GB/s),
