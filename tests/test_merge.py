@@ -186,3 +186,26 @@ def test_only_llamas_rotary_form_counts_as_standard():
 
     assert _standard_rope(apply_rotary_pos_emb)
     assert not _standard_rope(interleaved)
+
+
+def test_a_merge_that_fails_midway_is_undone_and_reported(monkeypatch):
+    from core import merge
+    from core.measure import latency
+
+    model = _tiny()
+    ref = _logits(model)
+    calls = []
+    real = merge.stack_linears
+
+    def third_fails(mods):
+        calls.append(len(mods))
+        if len(calls) == 3:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(mods)
+
+    monkeypatch.setattr(merge, "stack_linears", third_fails)
+    gpu_kernels, merged, warnings = latency.install_gpu_forwards(model)
+    assert merged == [] and gpu_kernels["merged_blocks"] == 0 and gpu_kernels["fused_modules"] > 0
+    assert len(warnings) == 1 and "not merged" in warnings[0] and "out of memory" in warnings[0]
+    assert not any(MERGED in m.__dict__ for m in model.modules())  # the two blocks merged before are undone
+    torch.testing.assert_close(_logits(model), ref, rtol=1e-5, atol=1e-5)

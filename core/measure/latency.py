@@ -152,21 +152,38 @@ def measure_latency(model, prompt: torch.Tensor, decode_tokens: int, batch_sizes
 
     On CUDA every model is timed with q/k/v and gate/up merged (core.merge), undone before returning."""
     gpu_kernels = merged = None
+    warnings: list[str] = []
     if next(model.parameters()).is_cuda:  # the same fused kernels and merged projections for every model
-        from ..fusion import fuse_producers
-        from ..merge import merge_projections
-
-        gpu_kernels = {"fused_modules": len(fuse_producers(model))}  # first: it traces which linears read a norm
-        merged = merge_projections(model)
-        gpu_kernels["merged_blocks"] = len(merged)
+        gpu_kernels, merged, warnings = install_gpu_forwards(model)
     try:
-        return _measure_latency(model, prompt, decode_tokens, batch_sizes, warmup, repeats, progress, static_decode,
-                                use_graph, compile, gpu_kernels)
+        res = _measure_latency(model, prompt, decode_tokens, batch_sizes, warmup, repeats, progress, static_decode,
+                               use_graph, compile, gpu_kernels)
     finally:
         if merged:
             from ..merge import unmerge
 
             unmerge(model)
+    res["warnings"] = warnings + res["warnings"]
+    return res
+
+
+def install_gpu_forwards(model) -> tuple[dict, list[str], list[str]]:
+    """core.fusion's fused norm / SiLU forwards, then core.merge's merged projections (after: the fusion traces
+    which linears read each norm). A merge that fails (e.g. out of memory for one block's stacked copy) is undone
+    and the model is timed unmerged, with a warning. Returns (gpu_kernels record, merged blocks, warnings)."""
+    from ..fusion import fuse_producers
+    from ..merge import merge_projections, unmerge
+
+    gpu_kernels = {"fused_modules": len(fuse_producers(model))}
+    try:
+        merged, warnings = merge_projections(model), []
+    except Exception as e:  # noqa: BLE001
+        log.warning("merging projections failed: %r", e)
+        unmerge(model)
+        merged, warnings = [], [f"q/k/v and gate/up were not merged ({type(e).__name__}: {str(e)[:200]}): timed "
+                                "as separate linears"]
+    gpu_kernels["merged_blocks"] = len(merged)
+    return gpu_kernels, merged, warnings
 
 
 def _measure_latency(model, prompt, decode_tokens, batch_sizes, warmup, repeats, progress, static_decode, use_graph,
