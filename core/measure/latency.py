@@ -180,8 +180,9 @@ def install_gpu_forwards(model) -> tuple[dict, list[str], list[str]]:
     except Exception as e:  # noqa: BLE001
         log.warning("merging projections failed: %r", e)
         unmerge(model)
-        merged, warnings = [], [f"q/k/v and gate/up were not merged ({type(e).__name__}: {str(e)[:200]}): timed "
-                                "as separate linears"]
+        merged = []
+        reason = f"{type(e).__name__}: {str(e)[:200]}"
+        warnings = [f"q/k/v and gate/up were not merged ({reason}): timed as separate linears"]
     gpu_kernels["merged_blocks"] = len(merged)
     return gpu_kernels, merged, warnings
 
