@@ -10,9 +10,9 @@ estimate (core.measure.costmodel) beside every measurement.
 Needs torch (CUDA), transformers and triton; none of the app's dependencies (no core.recipe, pydantic, streamlit).
 
 Method. One model at a time (built directly in bf16 on the device, weights drawn N(0, 0.02), norms 1; quantized
-layer by layer on the device; then core.fusion's norm / SiLU kernels installed, as core.measure.latency does for
-every model on CUDA: they serve the CUDA-graph loop, a compiled step fuses the plain modules itself), freed before
-the next. For each batch size: random prompts of --prompt tokens,
+layer by layer on the device; then core.fusion's norm / SiLU kernels installed and q/k/v and gate/up merged
+(core.merge; --no-merge keeps them separate), as core.measure.latency does for every model on CUDA: the fused
+kernels serve the CUDA-graph loop, a compiled step fuses the plain modules itself), freed before the next. For each batch size: random prompts of --prompt tokens,
 --new-tokens greedy tokens = 1 prefill + (new-tokens - 1) decode steps; --warmup untimed runs, then --repeats
 timed runs; per-step times from CUDA events around each graph replay; median and p90 over all timed steps.
 decode tokens/s = batch x 1000 / median step ms. The same decoder without the graph ("eager": the same static
