@@ -299,6 +299,9 @@ def test_interp_static_decoder_on_merged_llama_uses_the_rope_kernel_and_gives_ge
     tokens, _ = decode(model, ids, new_tokens=5, use_graph=False)
     assert torch.equal(tokens, ref)
     assert len(calls) >= 2 * 4 and all(shape[1] == 1 for shape in calls)  # every decode step of both layers
+    from core.measure import decode as decode_mod
+
+    assert None in decode_mod.rope_kernel_used  # what the latency record reads (CPU tensors: device index None)
 
 
 def test_decode_attention_refusals_and_splits():

@@ -103,7 +103,9 @@ class StaticKVCache(_cache_base()):
                 or self.write_pos.shape != qkv.shape[1:2]):
             return None
         try:
-            return rope_cache.rope_to_cache(qkv, cos, sin, self.write_pos, k, v, heads, kv_heads), k, v
+            q = rope_cache.rope_to_cache(qkv, cos, sin, self.write_pos, k, v, heads, kv_heads)
+            rope_kernel_used.add(qkv.device.index)
+            return q, k, v
         except Exception as e:  # noqa: BLE001  (triton's CompilationError is no RuntimeError)
             log.warning("rotary + cache kernel failed (%s); using transformers' rotary and the cache update", e)
             _rope_failed.add(qkv.device.index)
@@ -160,13 +162,14 @@ def grouped_decode_sdpa(orig, module, query, key, value, attention_mask, dropout
 DECODE_ATTENTION_KERNEL = True  # False: SDPA for the decode step too (A/B runs)
 ROPE_KERNEL = True  # False: transformers' rotary embedding and cache update for merged q/k/v too (A/B runs)
 _rope_failed: set = set()
+rope_kernel_used: set = set()  # device indices where core.kernels.rope_cache ran (read by core.measure.latency)
+_attention_failed: set = set()
+attention_kernel_used: set = set()  # device indices where the kernel ran (read by core.measure.latency)
 
 
 def _interpreted() -> bool:
     """Triton's CPU interpreter is on (tests run the kernels on CPU tensors that way)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-_attention_failed: set = set()
-attention_kernel_used: set = set()  # device indices where the kernel ran (read by core.measure.latency)
 
 
 def _decode_kernel(q, key, value, mask, scaling):

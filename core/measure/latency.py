@@ -204,6 +204,7 @@ def _measure_latency(model, prompt, decode_tokens, batch_sizes, warmup, repeats,
         from . import decode as decode_mod
 
         decode_mod.attention_kernel_used.discard(device.index)
+        decode_mod.rope_kernel_used.discard(device.index)
     static = device.type == "cuda" if static_decode is None else static_decode
     res, warnings = None, []
     if static:
@@ -232,8 +233,11 @@ def _measure_latency(model, prompt, decode_tokens, batch_sizes, warmup, repeats,
     if res is None:
         res = _dynamic(model, ids, decode_tokens, batch_sizes, warmup, repeats, device, tick)
     if gpu_kernels is not None:  # what ran, so runs measured before or without a kernel can be told apart
-        used = res["decode_loop"].startswith("static") and device.index in decode_mod.attention_kernel_used
+        in_static = res["decode_loop"].startswith("static")
+        used = in_static and device.index in decode_mod.attention_kernel_used
         gpu_kernels["decode_attention"] = "slimlm kernel" if used else "sdpa"
+        used = in_static and device.index in decode_mod.rope_kernel_used
+        gpu_kernels["rotary_and_cache_write"] = "slimlm kernel" if used else "transformers"
     return {
         "device": str(device),
         "prompt_len": int(prompt.numel()),
