@@ -192,3 +192,16 @@ def distill_frames(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     train = pd.DataFrame([r for r in records if r.get("kind") == "train"], columns=["step", "tokens", "wall_s", "loss", "lr"])
     evals = pd.DataFrame([r for r in records if r.get("kind") == "eval"], columns=["step", "tokens", "wall_s", "val_ppl"])
     return train, evals
+
+
+def gpu_kernels_line(kernels: dict) -> str:
+    """One line on what a GPU latency measurement ran (core.measure.latency's `gpu_kernels` record)."""
+    parts = []
+    if kernels.get("merged_blocks") is not None:
+        parts.append(f"{kernels['merged_blocks']} blocks with q/k/v or gate/up merged")
+    if kernels.get("fused_modules") is not None:
+        parts.append(f"{kernels['fused_modules']} norm / SiLU modules fused")
+    for key, what in (("decode_attention", "decode attention"), ("rotary_and_cache_write", "rotary + cache write")):
+        if kernels.get(key):
+            parts.append(f"{what}: {kernels[key]}")
+    return "GPU kernels: " + "; ".join(parts) if parts else ""

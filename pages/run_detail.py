@@ -7,7 +7,7 @@ import plotly.express as px
 import streamlit as st
 
 from core import jobs
-from core.compare import distill_frames, output_error_frame
+from core.compare import distill_frames, gpu_kernels_line, output_error_frame
 from core.distill.log import run_logs
 from core.store import Store
 
@@ -182,8 +182,13 @@ def detail(run_id: str):
         if not lat:
             st.info("Latency was not measured.")
         else:
-            st.write(f"On {lat.get('device')} in {lat.get('dtype')}, prompt of {lat.get('prompt_len')} tokens, "
-                     f"{lat.get('warmup')} warm-up + {lat.get('repeats')} timed repeats.")
+            st.write(f"On {lat.get('card') or lat.get('device')} in {lat.get('dtype')}, prompt of "
+                     f"{lat.get('prompt_len')} tokens, {lat.get('warmup')} warm-up + {lat.get('repeats')} timed "
+                     f"repeats" + (f"; decode loop `{lat['decode_loop']}`" if lat.get("decode_loop") else "") + ".")
+            for w in lat.get("warnings") or []:
+                st.warning(w, icon=":material/warning:")
+            if kernels := lat.get("gpu_kernels"):
+                st.caption(gpu_kernels_line(kernels))
             st.dataframe(pd.DataFrame([
                 {"what": "prefill (whole prompt, ms)", **(lat.get("prefill_ms") or {})},
                 {"what": "decode, batch 1 (ms/token)", **(lat.get("decode_ms") or {})},

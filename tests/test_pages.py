@@ -244,6 +244,21 @@ def test_run_detail_output_error_before_after(store):
     assert "before and after the calibrated method" in texts(at, "markdown")
 
 
+def test_run_detail_latency_says_what_ran_on_the_gpu(store):
+    m = make_metrics(16.9, 110_000_000, 2.8, bits=4, group_size=64)
+    m["latency"].update(device="cuda:0", card="NVIDIA H100 80GB HBM3", decode_loop="static_cache+cuda_graph",
+                        warnings=["q/k/v and gate/up were not merged (OutOfMemoryError: CUDA out of memory): timed "
+                                  "as separate linears"],
+                        gpu_kernels={"fused_modules": 90, "merged_blocks": 0, "decode_attention": "slimlm kernel",
+                                     "rotary_and_cache_write": "transformers"})
+    at = app("pages/run_detail.py", run=add_run(store, [{"method": "rtn", "bits": 4, "group_size": 64}], metrics=m))
+    assert "NVIDIA H100 80GB HBM3" in texts(at, "markdown") and "static_cache+cuda_graph" in texts(at, "markdown")
+    assert "were not merged" in texts(at, "warning")
+    caption = texts(at, "caption")
+    assert "0 blocks with q/k/v or gate/up merged" in caption and "90 norm / SiLU modules fused" in caption
+    assert "decode attention: slimlm kernel" in caption and "rotary + cache write: transformers" in caption
+
+
 def test_run_detail_failed_shows_error(filled):
     at = app("pages/run_detail.py", run=filled["failed"])
     assert "Out of memory while running this experiment." in texts(at, "error")
