@@ -247,8 +247,8 @@ def test_run_detail_output_error_before_after(store):
 def test_run_detail_latency_says_what_ran_on_the_gpu(store):
     m = make_metrics(16.9, 110_000_000, 2.8, bits=4, group_size=64)
     m["latency"].update(device="cuda:0", card="NVIDIA H100 80GB HBM3", decode_loop="static_cache+cuda_graph",
-                        warnings=["q/k/v and gate/up were not merged (OutOfMemoryError: CUDA out of memory): timed "
-                                  "as separate linears"],
+                        warnings=[("q/k/v and gate/up were not merged (OutOfMemoryError: CUDA out of memory): "
+                                   "timed as separate linears")],
                         gpu_kernels={"fused_modules": 90, "merged_blocks": 0, "decode_attention": "slimlm kernel",
                                      "rotary_and_cache_write": "transformers"})
     at = app("pages/run_detail.py", run=add_run(store, [{"method": "rtn", "bits": 4, "group_size": 64}], metrics=m))
