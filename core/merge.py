@@ -14,9 +14,9 @@ TensorRT-LLM load them. merge_projections(model) does that in place:
     else is the transformers forward it replaces (Llama-style attention: rotary embedding, cache update, the
     configured attention function, o_proj).
 
-A block is merged only if its new forward gives its own forward's outputs (and cache writes) on a random probe,
-to float rounding (one wider product may sum in another order): an architecture that does more between the
-projections and the attention (Qwen3's per-head q/k norms, Gemma's scaling) fails the probe and keeps its forward.
+Attention is merged for transformers' Llama, Mistral, Qwen2 and Qwen3 attention classes (ATTENTION_CLASSES; others
+keep their forward), and a block only if its new forward gives its own forward's outputs (and cache writes) on a
+random probe, to float rounding (one wider product may sum in another order).
 Groups of mixed types (e.g. a layer left in float beside quantized ones), different input widths or hooked modules
 (accelerate's offloading) are left alone. unmerge(model) gives every module its own storage back.
 
@@ -39,6 +39,7 @@ from .quant.w8a8 import FP8Linear, W8A8Linear
 log = logging.getLogger(__name__)
 
 ATTENTION = ("q_proj", "k_proj", "v_proj")
+ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention")
 MLP = ("gate_proj", "up_proj")
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
@@ -128,30 +129,37 @@ def _unstack(mods: list[nn.Module]) -> None:
 
 def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
                        **kwargs):
-    """transformers' Llama-style attention forward with q/k/v from one stacked product."""
+    """transformers' Llama-style attention forward with q/k/v from one stacked product; also the variants that norm
+    each head of q and k before the rotary embedding (Qwen3's q_norm / k_norm) or pass a sliding window (Qwen2,
+    Mistral): the probe in _merge_block checks the result against the block's own forward."""
     fns = self._slimlm_fns
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     qkv = getattr(self, MERGED)(hidden_states)
     cos, sin = position_embeddings
     sizes = getattr(self, SPLIT)
+    q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
     fused = None
-    if fns.standard_rope and past_key_values is not None and hasattr(past_key_values, "update_rotary"):
+    if (fns.standard_rope and q_norm is None and k_norm is None and past_key_values is not None
+            and hasattr(past_key_values, "update_rotary")):
         # slimlm's static cache: rotary embedding and cache write as one kernel (core.kernels.rope_cache)
         fused = past_key_values.update_rotary(qkv, cos, sin, self.layer_idx, sizes[0] // self.head_dim,
                                               sizes[1] // self.head_dim)
     if fused is not None:
         q, k, v = fused
     else:
-        q, k, v = qkv.split(sizes, dim=-1)
-        q = q.view(hidden_shape).transpose(1, 2)
-        k = k.view(hidden_shape).transpose(1, 2)
-        v = v.view(hidden_shape).transpose(1, 2)
-        q, k = fns.apply_rotary_pos_emb(q, k, cos, sin)
+        q, k, v = (t.view(hidden_shape) for t in qkv.split(sizes, dim=-1))
+        if q_norm is not None:
+            q = q_norm(q)
+        if k_norm is not None:
+            k = k_norm(k)
+        q, k = fns.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        v = v.transpose(1, 2)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
     attention = fns.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                           fns.eager_attention_forward)
+    kwargs.setdefault("sliding_window", getattr(self, "sliding_window", getattr(self.config, "sliding_window", None)))
     out, weights = attention(self, q, k, v, attention_mask, dropout=0.0 if not self.training else
                              self.attention_dropout, scaling=self.scaling, **kwargs)
     return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
@@ -207,7 +215,11 @@ def _mlp_ok(mlp: nn.Module, dtype: torch.dtype) -> bool:
 
 
 def _attention_fns(attn: nn.Module):
-    """The functions the block's own module uses (rotary, attention registry), if it is transformers-Llama-like."""
+    """The functions the block's own module uses (rotary, attention registry), for the attention classes whose
+    forward _attention_forward reproduces. A probe cannot stand in for this list: what other classes add (Gemma2's
+    logit soft-capping, OLMo's clamped q/k/v, attention sinks) changes nothing at a random probe's small scores."""
+    if type(attn).__name__ not in ATTENTION_CLASSES or not type(attn).__module__.startswith("transformers.models."):
+        return None
     ns = sys.modules.get(type(attn).__module__)
     names = ("apply_rotary_pos_emb", "ALL_ATTENTION_FUNCTIONS", "eager_attention_forward")
     if ns is None or not all(hasattr(ns, n) for n in names) or not all(

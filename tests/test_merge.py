@@ -75,11 +75,20 @@ def test_layers_that_cannot_be_stacked_are_refused():
 
 
 def _tiny(kind="llama", layers=2):
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+    from transformers import (
+        AutoModelForCausalLM,
+        Gemma2Config,
+        LlamaConfig,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     dims = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": layers, "num_attention_heads": 4,
             "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 128, "tie_word_embeddings": False}
-    cfg = LlamaConfig(**dims) if kind == "llama" else Qwen3Config(**dims, head_dim=16)
+    cfg = {"llama": lambda: LlamaConfig(**dims),
+           "qwen3": lambda: Qwen3Config(**dims, head_dim=16),  # q_norm / k_norm on each head
+           "qwen2": lambda: Qwen2Config(**dims, use_sliding_window=True, sliding_window=4, max_window_layers=1),
+           "gemma2": lambda: Gemma2Config(**dims, head_dim=16)}[kind]()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():  # random norms too, so a wrong weight would show
@@ -137,14 +146,31 @@ def test_static_decoder_on_a_merged_model_gives_generate_tokens():
     assert torch.equal(tokens, _generate(model)[:, IDS.shape[1]:])
 
 
-def test_attention_with_more_between_projections_and_attention_is_left_unmerged():
-    model = _tiny("qwen3")  # q_norm / k_norm after the projections: the merged forward would skip them
+@pytest.mark.parametrize("kind", ["qwen3", "qwen2"])
+def test_qwen_attention_merges_with_its_head_norms_and_sliding_window(kind):
+    model = _tiny(kind)
+    ref, ref_tokens = _logits(model), _generate(model)
+    assert merge_projections(model) == [f"model.layers.{i}.{b}" for i in range(2) for b in ("self_attn", "mlp")]
+    torch.testing.assert_close(_logits(model), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(_generate(model), ref_tokens)
+
+
+def test_other_attention_classes_and_a_failed_probe_stay_unmerged(monkeypatch):
+    from core import merge
+
+    model = _tiny("gemma2")  # logit soft-capping: a class not in merge.ATTENTION_CLASSES
     ref = _logits(model)
     assert merge_projections(model) == ["model.layers.0.mlp", "model.layers.1.mlp"]
     attn = model.model.layers[0].self_attn
     assert MERGED not in attn.__dict__ and "forward" not in attn.__dict__
-    assert len({_storage(attn.q_proj.weight), _storage(attn.k_proj.weight)}) == 2  # probe undone: own storage
     torch.testing.assert_close(_logits(model), ref, rtol=1e-5, atol=1e-5)
+
+    model = _tiny()  # a listed class whose merged forward would differ: the probe refuses it, and undoes the stacking
+    monkeypatch.setattr(merge, "_attention_forward", lambda self, *a, **k: (torch.zeros(1), None))
+    assert merge_projections(model) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    attn = model.model.layers[0].self_attn
+    assert MERGED not in attn.__dict__ and "forward" not in attn.__dict__
+    assert len({_storage(attn.q_proj.weight), _storage(attn.k_proj.weight)}) == 2  # own storage again
 
 
 def test_merging_and_fusion_compose_in_either_order():
