@@ -252,16 +252,17 @@ def _merge_block(block: nn.Module, names: tuple[str, ...], dtype: torch.dtype) -
     if not all(isinstance(m, nn.Module) for m in mods):
         return False
     attention = names == ATTENTION
-    if attention:
-        fns = _attention_fns(block)
-        if fns is None:
-            return False
-        block._slimlm_fns = fns
-    elif not callable(getattr(block, "act_fn", None)) or not isinstance(getattr(block, "down_proj", None), nn.Module):
+    fns = _attention_fns(block) if attention else None
+    if attention and fns is None:
+        return False
+    if not attention and not (callable(getattr(block, "act_fn", None))
+                              and isinstance(getattr(block, "down_proj", None), nn.Module)):
         return False
     stacked = stack_linears(mods)
     if stacked is None:
         return False
+    if attention:
+        block._slimlm_fns = fns
     object.__setattr__(block, MERGED, stacked)  # not a submodule: state_dict, .modules() and memory sums unchanged
     object.__setattr__(block, SPLIT, [m.out_features for m in mods])
     if (_attention_ok if attention else _mlp_ok)(block, dtype):
