@@ -282,18 +282,12 @@ def _drop(block: nn.Module, mods: list[nn.Module]) -> None:
         block.__dict__.pop(attr, None)
 
 
-def _dtype(model: nn.Module) -> torch.dtype:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    w = getattr(emb, "weight", None)
-    if isinstance(w, torch.Tensor) and w.is_floating_point():
-        return w.dtype
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-
-
 def merge_projections(model: nn.Module) -> list[str]:
     """Stack q/k/v and gate/up wherever the result equals the model's own forward (see the module docstring);
     returns the names of the merged blocks. Idempotent."""
-    dtype, merged = _dtype(model), []
+    from .measure.decode import _compute_dtype
+
+    dtype, merged = _compute_dtype(model), []
     for name, block in model.named_modules():
         if MERGED in block.__dict__:
             continue

@@ -242,7 +242,7 @@ def _compute_dtype(model) -> torch.dtype:
     w = getattr(emb, "weight", None)
     if isinstance(w, torch.Tensor) and w.is_floating_point():
         return w.dtype
-    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _round_up(n: int, m: int) -> int:
