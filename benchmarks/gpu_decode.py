@@ -446,12 +446,18 @@ def main():
     ap.add_argument("--no-merge", dest="merge", action="store_false",
                     help="keep q/k/v and gate/up as separate linears (default: merged, core.merge, as the app's "
                          "latency measurement runs every model on CUDA)")
+    ap.add_argument("--no-glu", dest="glu", action="store_false",
+                    help="a quantized gate/up GEMV without silu(gate) * up in its epilogue (default: with it, "
+                         "core.kernels.dispatch.glu_matmul)")
     ap.add_argument("--torchao-format", default="tile_packed_to_4d",
                     help="torchao-int4's int4_packing_format (tile_packed_to_4d: tinygemm; plain and preshuffled "
                          "need MSLK)")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: use --device cpu --tiny for a smoke test")
+    from core.kernels import dispatch
+
+    dispatch.GLU_EPILOGUE = args.glu
     dev = torch.device(args.device)
     layers = args.layers or (2 if args.tiny else 32)
     args.batches = [int(x) for x in (args.batches or ("1,2" if args.tiny else "1,16")).split(",")]
@@ -468,7 +474,7 @@ def main():
     env = {"card": torch.cuda.get_device_name(0) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
            "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
            "python": platform.python_version(), "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
-           "merged_projections": args.merge}
+           "merged_projections": args.merge, "glu_epilogue": args.glu}
     try:
         import triton
         env["triton"] = triton.__version__

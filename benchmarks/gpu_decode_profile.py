@@ -29,19 +29,24 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--max-len", type=int, default=192, help="cache length (gpu_decode.py: prompt 128 + 64 tokens)")
     ap.add_argument("--no-merge", dest="merge", action="store_false", help="q/k/v and gate/up as separate linears")
+    ap.add_argument("--no-glu", dest="glu", action="store_false", help="gate/up GEMV without silu in its epilogue")
     a = ap.parse_args()
     sys.argv = sys.argv[:1]  # gpu_decode parses nothing at import, but keep its view clean
     import torch
 
     import gpu_decode as gd
+    from core.kernels import dispatch
     from core.measure.decode import StaticDecoder, grouped_decode_attention
+
+    dispatch.GLU_EPILOGUE = a.glu
 
     dev = torch.device("cuda")
     args = types.SimpleNamespace(tiny=False, seed=0, batches=[1], merge=a.merge)
     out = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(0),
            "torch": torch.__version__, "command": "python3 " + " ".join(["benchmarks/gpu_decode_profile.py"]
                                                                          + sys.argv[1:]),
-           "layers": a.layers, "max_len": a.max_len, "merged_projections": a.merge, "configs": {}}
+           "layers": a.layers, "max_len": a.max_len, "merged_projections": a.merge, "glu_epilogue": a.glu,
+           "inductor_multi_kernel": inductor_multi_kernel(), "configs": {}}
     for name in a.configs.split(","):
         with torch.inference_mode(), grouped_decode_attention():  # as StaticDecoder.run steps
             out["configs"][name] = profile(a, gd, StaticDecoder, args, name, dev)
@@ -49,6 +54,13 @@ def main():
         torch.cuda.empty_cache()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))
+
+
+def inductor_multi_kernel() -> int:
+    """Inductor's multi_kernel setting (TORCHINDUCTOR_MULTI_KERNEL; 2 forces persistent reductions, e.g. the norms)."""
+    import torch._inductor.config as ic
+
+    return int(ic.triton.multi_kernel)
 
 
 def profile(a, gd, decoder_cls, args, name, dev) -> dict:

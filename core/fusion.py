@@ -37,10 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quant.linear import QuantLinear
 from .quant.w8a8 import FUSED_CODES, FP8Linear, _is_norm, fp8_kernel_ok, probed_once, trace_consumers
 
 FUSED = "_slimlm_fused"
 MERGED, SPLIT = "_slimlm_merged", "_slimlm_split"  # core.merge: the stacked linear of a block, its output widths
+SILU = "_slimlm_silu"  # core.merge: a merged MLP whose act_fn is silu (its gate/up GEMV may apply it)
 log = logging.getLogger(__name__)
 
 
@@ -115,6 +117,12 @@ def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     down = self.down_proj
     stacked = getattr(self, MERGED, None)
     if stacked is not None:
+        if getattr(self, SILU, False) and isinstance(stacked, QuantLinear) and x.is_cuda:
+            from .kernels.dispatch import glu_matmul
+
+            h = glu_matmul(x, stacked)  # batch 1: silu(gate) * up straight from the GEMV
+            if h is not None:
+                return down(h)
         g, u = stacked(x).split(getattr(self, SPLIT), dim=-1)
     else:
         g, u = self.gate_proj(x), self.up_proj(x)

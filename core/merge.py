@@ -12,7 +12,8 @@ TensorRT-LLM load them. merge_projections(model) does that in place:
     the checkpoint format unchanged (the stacked module is a plain attribute, not a submodule);
   - the attention block and the MLP get a forward that runs the stacked module and splits its output; everything
     else is the transformers forward it replaces (Llama-style attention: rotary embedding, cache update, the
-    configured attention function, o_proj).
+    configured attention function, o_proj). A quantized gate/up of a silu MLP at batch 1 on CUDA runs as one GEMV
+    that writes silu(gate) * up (core.kernels.dispatch.glu_matmul).
 
 Attention is merged for transformers' Llama, Mistral, Qwen2 and Qwen3 attention classes (ATTENTION_CLASSES; others
 keep their forward), and a block only if its new forward gives its own forward's outputs (and cache writes) on a
@@ -30,9 +31,10 @@ import sys
 import types
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .fusion import MERGED, SPLIT, set_mlp_forward
+from .fusion import MERGED, SILU, SPLIT, set_mlp_forward
 from .quant.linear import QuantLinear
 from .quant.w8a8 import FP8Linear, W8A8Linear
 
@@ -204,12 +206,22 @@ def _attention_ok(attn: nn.Module, dtype: torch.dtype) -> bool:
 
 
 def _mlp_ok(mlp: nn.Module, dtype: torch.dtype) -> bool:
+    """Three tokens and one (a quantized MLP's batch-1 step takes the gate/up GEMV with silu on CUDA)."""
     from .fusion import mlp_forward
 
     device = _device(mlp)
     x = torch.randn(1, 3, mlp.gate_proj.in_features, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     try:
-        return _near(mlp_forward(mlp, x), type(mlp).forward(mlp, x))
+        return all(_near(mlp_forward(mlp, t), type(mlp).forward(mlp, t)) for t in (x, x[:, :1]))
+    except (RuntimeError, TypeError, ValueError):
+        return False
+
+
+@torch.no_grad()
+def _is_silu(act) -> bool:
+    t = torch.randn(64, generator=torch.Generator().manual_seed(0)) * 4
+    try:
+        return torch.equal(act(t), F.silu(t))
     except (RuntimeError, TypeError, ValueError):
         return False
 
@@ -263,6 +275,8 @@ def _merge_block(block: nn.Module, names: tuple[str, ...], dtype: torch.dtype) -
         return False
     if attention:
         block._slimlm_fns = fns
+    else:
+        object.__setattr__(block, SILU, _is_silu(block.act_fn))
     object.__setattr__(block, MERGED, stacked)  # not a submodule: state_dict, .modules() and memory sums unchanged
     object.__setattr__(block, SPLIT, [m.out_features for m in mods])
     if (_attention_ok if attention else _mlp_ok)(block, dtype):
@@ -278,7 +292,7 @@ def _merge_block(block: nn.Module, names: tuple[str, ...], dtype: torch.dtype) -
 
 def _drop(block: nn.Module, mods: list[nn.Module]) -> None:
     _unstack(mods)
-    for attr in (MERGED, SPLIT, "_slimlm_fns"):
+    for attr in (MERGED, SPLIT, SILU, "_slimlm_fns"):
         block.__dict__.pop(attr, None)
 
 

@@ -198,6 +198,50 @@ def test_interp_words_gemv_matches_reference(bits, n, kdim, gs, sym, dtype, cfg)
             assert _rel(y, ref) < _tol(dtype)
 
 
+# gate/up products with silu(gate) * up in the GEMV's epilogue (glu=True): rows [gate; up], width = N / 2 each.
+# An odd width (17, 21) leaves a partial last block; K=200 g=64 a short last group; one group per row; EVEN.
+WORDS_GLU_CASES = [  # width, K, group, bits, symmetric, dtype, config
+    (17, 576, 96, 4, False, torch.bfloat16, {"ROWS": 4, "BN": 4}),
+    (24, 576, 128, 4, True, torch.float16, None),
+    (21, 200, 64, 4, True, torch.float16, {"ROWS": 12, "BN": 4}),
+    (16, 512, None, 4, False, torch.bfloat16, {"ROWS": 8, "BN": 8}),  # EVEN
+    (20, 200, 64, 8, False, torch.float16, {"ROWS": 4, "BN": 2}),
+]
+
+
+@interp
+@pytest.mark.parametrize("width,kdim,gs,bits,sym,dtype,cfg", WORDS_GLU_CASES)
+def test_interp_words_glu_matches_silu_of_the_products(width, kdim, gs, bits, sym, dtype, cfg):
+    """gemv(glu=True) on a stacked [gate; up] weight equals silu(gate) * up of the reference products, each
+    rounded to x's dtype first; with a bias, too."""
+    from core.kernels import w4_words
+
+    q = _layer(2 * width, kdim, bits, gs, sym)
+    x = _x(1, kdim, dtype)
+    assert w4_words.glu_supported(2 * width, kdim, bits)
+    for bias in (q.bias, None):
+        y = w4_words.gemv(x, *_args(q)[:5], 2 * width, bias, config=cfg, glu=True)
+        assert y.dtype == dtype and y.shape == (1, width)
+        ref = (_oracle(x, q) - (0 if bias is not None else q.bias.float())).to(dtype).float()
+        ref = F.silu(ref[:, :width]) * ref[:, width:]
+        assert _rel(y, ref) < 2 * _tol(dtype)  # three roundings to 16 bits: gate, up and the output
+        plain = w4_words.gemv(x, *_args(q)[:5], 2 * width, bias, config=cfg).float()
+        torch.testing.assert_close(y.float(), F.silu(plain[:, :width]) * plain[:, width:], rtol=_tol(dtype), atol=1e-3)
+
+
+@interp
+def test_interp_words_glu_refuses_a_split_k_or_an_odd_stack():
+    from core.kernels import w4_words
+
+    assert not w4_words.glu_supported(64, 4104, 4) and w4_words.glu_supported(64, 4096, 4)
+    assert not w4_words.glu_supported(63, 576, 4)
+    q = _layer(16, 576, 4, 64, True)
+    with pytest.raises(ValueError, match="one chunk"):
+        w4_words.gemv(_x(1, 576, torch.float16), *_args(q)[:5], 16, config={"BKW": 32}, glu=True)
+    with pytest.raises(ValueError, match="even number"):
+        w4_words.gemv(_x(1, 576, torch.float16), *_args(_layer(15, 576, 4, 64, True))[:5], 15, glu=True)
+
+
 @interp
 def test_interp_split_sum_kernel_and_its_compiled_form_agree():
     """sum_splits: the Triton kernel (eager) and the PyTorch ops it becomes under torch.compile (which Inductor

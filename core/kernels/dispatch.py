@@ -3,7 +3,8 @@ scales, zeros, bits, group_size, in_features, out_features, bias, qweight) by de
 
   reference        dequantize to the input dtype, then F.linear (any device, any format): the oracle
   gemv_words       Triton, M == 1, 4/8-bit rows of whole 32-bit words (w4_words.py): CUDA-core FMAs on codes
-                   taken from 32-bit words in the load's register layout
+                   taken from 32-bit words in the load's register layout (glu_matmul: with a gated MLP's
+                   silu(gate) * up in its epilogue)
   mma              Triton + PTX mma.sync, 2 <= M <= MMA_MAX_M, symmetric 4-bit codes, bf16 x, groups of a
                    multiple of 128 (w4_mma.py): codes made into bf16 pairs in registers feed the tensor cores
   gemv             Triton, M <= GEMV_MAX_M: streams the packed weight once, CUDA-core FMAs
@@ -35,6 +36,7 @@ GEMV_MAX_M = 0
 DOT_MAX_M = 256
 _FLOAT16 = (torch.float16, torch.bfloat16)
 _failed: set[tuple] = set()
+GLU_EPILOGUE = True  # False: glu_matmul declines (gate/up and silu as separate kernels, for A/B runs)
 
 
 @functools.cache
@@ -99,6 +101,31 @@ def kernel_for(x: torch.Tensor, q) -> str:
         return "reference"
     path = "gemv" if m <= GEMV_MAX_M else "gemm" if m <= DOT_MAX_M else "dequant+cublas"
     return "reference" if (path, x.device.index, q.bits, x.dtype) in _failed else path
+
+
+def glu_matmul(x: torch.Tensor, q) -> torch.Tensor | None:
+    """silu(gate) * up [..., width] for a stacked [gate; up] quantized linear q (out_features = 2 width, core.merge)
+    from one kernel: the batch-1 GEMV with the activation in its epilogue (w4_words.gemv(glu=True)), which saves the
+    activation's kernel and the product's round trip. None where it does not apply (M > 1, the reference path, K
+    over one chunk, or the kernel failed here before): the caller then runs q and the activation itself."""
+    if not GLU_EPILOGUE or not getattr(q, "fast", True) or kernel_for(x, q) != "gemv_words":
+        return None
+    from . import w4_words
+
+    key = ("gemv_glu", x.device.index, q.bits, x.dtype)
+    if key in _failed or not w4_words.glu_supported(q.out_features, q.in_features, q.bits):
+        return None
+    x2 = x.reshape(1, q.in_features)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    bias = None if q.bias is None else q.bias.detach()
+    try:
+        y = w4_words.gemv(x2, q.packed, q.scales, q.zeros, q.bits, q.group_size, q.out_features, bias, glu=True)
+    except Exception as e:  # noqa: BLE001  (as quant_matmul: report once, then the separate path)
+        log.warning("gate/up kernel with silu failed (%s); using the separate product and activation", e)
+        _failed.add(key)
+        return None
+    return y.view(*x.shape[:-1], q.out_features // 2)
 
 
 def quant_matmul(x: torch.Tensor, q, path: str | None = None) -> torch.Tensor:

@@ -129,11 +129,13 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
                  HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
                  BN: tl.constexpr, BKW: tl.constexpr, GSHIFT: tl.constexpr, EVEN: tl.constexpr,
                  BITS: tl.constexpr, USE_ASM: tl.constexpr, GW: tl.constexpr, PAIRS: tl.constexpr,
-                 PDL: tl.constexpr):
+                 PDL: tl.constexpr, GLU: tl.constexpr = 0):
     """Program (axis 0: a block of ROWS rows, axis 1: a chunk of BKW words of K); see the module docstring.
     EVEN: N is a multiple of ROWS and every K chunk is full, so no load needs a mask. GW: words per group when a
     group is a power of two no longer than the chunk (partials summed per group, one scale load per group), -1
-    for one group per row, 0 otherwise (a scale gathered per word). PDL: see core.kernels.pdl."""
+    for one group per row, 0 otherwise (a scale gathered per word). PDL: see core.kernels.pdl.
+    GLU (K in one chunk): the weight's rows are [gate; up], each N long, and the program writes silu(gate) * up
+    for its ROWS rows: each tile is BN / 2 gate rows and the same rows of up."""
     pdl_wait(PDL)
     pdl_launch_dependents(PDL, 1)
     PER: tl.constexpr = 32 // BITS  # codes per word
@@ -174,22 +176,30 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
             xsg = tl.sum(tl.reshape(xsu, [BKW // GW, GW]), axis=1)
     elif GW < 0 and HAS_Z:
         xsg = tl.sum(xsu, axis=0)
+    STEP: tl.constexpr = BN // (1 + GLU)  # output rows per tile
     r0 = pid_n * ROWS
     rb = tl.arange(0, BN)
-    rn = r0 + rb
+    if GLU:  # tile row i < STEP: gate row r + i; i >= STEP: up row r + i - STEP, stored N rows further down
+        vb = rb % STEP
+        up_off = (rb // STEP) * N
+    else:
+        vb = rb
+        up_off = 0
+    rn = r0 + vb + up_off
     if EVEN:
         wu = tl.load(w_ptr + rn[:, None] * stride_wn + kw[None, :])
     else:
-        wu = tl.load(w_ptr + rn[:, None] * stride_wn + kw[None, :], mask=(rn < N)[:, None] & kmask[None, :], other=0)
-    for r in range(r0, r0 + ROWS, BN):
-        rn = r + rb
-        nmask = rn < N
+        wu = tl.load(w_ptr + rn[:, None] * stride_wn + kw[None, :], mask=(r0 + vb < N)[:, None] & kmask[None, :],
+                     other=0)
+    for r in range(r0, r0 + ROWS, STEP):
+        nmask = r + vb < N
+        rn = r + vb + up_off
         wmask = nmask[:, None] & kmask[None, :]
-        nxt = r + BN + rb  # prefetch the next rows' words (masked off past this program's rows)
+        nxt = r + STEP + vb  # prefetch the next rows' words (masked off past this program's rows)
         nxt_mask = (nxt < r0 + ROWS)[:, None]
         if not EVEN:
             nxt_mask = nxt_mask & (nxt < N)[:, None] & kmask[None, :]
-        wn = tl.load(w_ptr + nxt[:, None] * stride_wn + kw[None, :], mask=nxt_mask, other=0)
+        wn = tl.load(w_ptr + (nxt + up_off)[:, None] * stride_wn + kw[None, :], mask=nxt_mask, other=0)
         u = wu.to(tl.uint32, bitcast=True)
         if PAIRS:  # sum (c - 8) x (symmetric) or sum c x
             part = _word_dot_bf16x2(u, x04[None, :], x15[None, :], x26[None, :], x37[None, :])
@@ -230,7 +240,15 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
         if SPLIT_K == 1:
             if HAS_BIAS:
                 y += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-            tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
+            if GLU:  # gate and up rounded to the output dtype first, as the separate product would be
+                y2 = tl.reshape(y.to(y_ptr.dtype.element_ty).to(tl.float32), [2, STEP])
+                half = tl.arange(0, 2)[:, None]
+                gate = tl.sum(tl.where(half == 0, y2, 0.0), axis=0)
+                up = tl.sum(tl.where(half == 1, y2, 0.0), axis=0)
+                ro = r + tl.arange(0, STEP)
+                tl.store(y_ptr + ro, (gate / (1.0 + tl.exp(-gate)) * up).to(y_ptr.dtype.element_ty), mask=ro < N)
+            else:
+                tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
         else:
             tl.store(y_ptr + pid_k * stride_ys + rn, y, mask=nmask)
         wu = wn
@@ -339,35 +357,53 @@ def default_gemv_config(n: int, k: int, bits: int = 4, pairs: bool = False) -> d
             "num_stages": 1}
 
 
+def glu_supported(n_out: int, k: int, bits: int) -> bool:
+    """Whether gemv(..., glu=True) takes a stacked [gate; up] weight of n_out rows: an even n_out and K in one
+    chunk of the default tile (at most 512 words: 4096 4-bit codes), since silu needs each row's whole sum."""
+    return n_out % 2 == 0 and n_out > 0 and -(-k // (32 // bits)) <= 512
+
+
 def gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
-         group_size: int, n_out: int, bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
-    """x [1, K] (contiguous) -> y [1, N] in x.dtype; K is split into chunks of BKW words (one per program column)."""
+         group_size: int, n_out: int, bias: torch.Tensor | None = None, config: dict | None = None,
+         glu: bool = False) -> torch.Tensor:
+    """x [1, K] (contiguous) -> y [1, N] in x.dtype; K is split into chunks of BKW words (one per program column).
+    glu: the n_out rows are [gate; up] of a gated MLP; returns silu(gate) * up [1, n_out / 2] from the same
+    kernel (K must fit one chunk: glu_supported). A config's ROWS then counts output rows."""
     m, k = x.shape
     if m != 1:
         raise ValueError("gemv_words takes one row of x")
     use_asm = (config or {}).get("USE_ASM", not INTERPRET)
     pairs = use_asm and bits == 4 and x.dtype == torch.bfloat16 and (config or {}).get("PAIRS", True)
-    cfg = {**default_gemv_config(n_out, k, bits, pairs), **(config or {})}
+    cfg = default_gemv_config(n_out, k, bits, pairs)
+    if glu:
+        cfg["ROWS"] //= 2  # the same rows per program as the plain product of [gate; up]
+    cfg.update(config or {})
     _check(bits, group_size, k, packed, cfg["BKW"])
-    if cfg["ROWS"] % cfg["BN"]:
-        raise ValueError("ROWS must be a multiple of BN")
+    n_rows = n_out // 2 if glu else n_out
+    step = cfg["BN"] // 2 if glu else cfg["BN"]
+    if glu and (n_out % 2 or cfg["BN"] % 2):
+        raise ValueError(f"a gate/up product needs an even number of rows and BN, got {n_out} and {cfg['BN']}")
+    if cfg["ROWS"] % step:
+        raise ValueError("ROWS must be a multiple of BN" + (" / 2" if glu else ""))
     w = packed.view(torch.int32)
     kw = w.shape[1]
     split = triton.cdiv(kw, cfg["BKW"])
-    y, stride_ys = split_output(x, 1, n_out, split)
+    if glu and split > 1:
+        raise ValueError(f"a gate/up product needs K in one chunk; {kw} words of K do not fit {cfg['BKW']}")
+    y, stride_ys = split_output(x, 1, n_rows, split)
     args = (x, w, scales, scales if zeros is None else zeros, scales if bias is None else bias, y,
-            n_out, k, kw, group_size, w.stride(0), scales.stride(0), stride_ys, cfg["ROWS"])
+            n_rows, k, kw, group_size, w.stride(0), scales.stride(0), stride_ys, cfg["ROWS"])
     common = {"HAS_Z": zeros is not None, "HAS_BIAS": bias is not None and split == 1, "SPLIT_K": split,
               "BN": cfg["BN"], "GSHIFT": group_shift(group_size, k, bits), "BITS": bits,
-              "EVEN": n_out % cfg["ROWS"] == 0 and kw % cfg["BKW"] == 0 and k == (32 // bits) * kw,
+              "EVEN": n_rows % cfg["ROWS"] == 0 and kw % cfg["BKW"] == 0 and k == (32 // bits) * kw,
               "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-    grid = (triton.cdiv(n_out, cfg["ROWS"]), split)
+    grid = (triton.cdiv(n_rows, cfg["ROWS"]), split)
     gw = 0
     if group_size >= k:
         gw = -1
     elif common["GSHIFT"] >= 0 and (1 << common["GSHIFT"]) <= cfg["BKW"] and cfg.get("GROUPED", True):
         gw = 1 << common["GSHIFT"]
     pdl_mode = pdl.mode(x.device, grid[0] * grid[1])
-    _gemv_kernel[grid](*args, BKW=cfg["BKW"], USE_ASM=use_asm, GW=gw, PAIRS=pairs, PDL=pdl_mode, **common,
-                       **pdl.launch(pdl_mode))
+    _gemv_kernel[grid](*args, BKW=cfg["BKW"], USE_ASM=use_asm, GW=gw, PAIRS=pairs, PDL=pdl_mode, GLU=int(glu),
+                       **common, **pdl.launch(pdl_mode))
     return y if split == 1 else sum_splits(y, x.dtype, bias)
