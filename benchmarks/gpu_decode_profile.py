@@ -31,6 +31,7 @@ def main():
     ap.add_argument("--no-merge", dest="merge", action="store_false", help="q/k/v and gate/up as separate linears")
     ap.add_argument("--no-glu", dest="glu", action="store_false", help="gate/up GEMV without silu in its epilogue")
     a = ap.parse_args()
+    command = "python3 " + " ".join(["benchmarks/gpu_decode_profile.py"] + sys.argv[1:])
     sys.argv = sys.argv[:1]  # gpu_decode parses nothing at import, but keep its view clean
     import torch
 
@@ -43,8 +44,7 @@ def main():
     dev = torch.device("cuda")
     args = types.SimpleNamespace(tiny=False, seed=0, batches=[1], merge=a.merge)
     out = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(0),
-           "torch": torch.__version__, "command": "python3 " + " ".join(["benchmarks/gpu_decode_profile.py"]
-                                                                         + sys.argv[1:]),
+           "torch": torch.__version__, "command": command,
            "layers": a.layers, "max_len": a.max_len, "merged_projections": a.merge, "glu_epilogue": a.glu,
            "inductor_multi_kernel": inductor_multi_kernel(), "configs": {}}
     for name in a.configs.split(","):
