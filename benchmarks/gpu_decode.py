@@ -449,6 +449,9 @@ def main():
     ap.add_argument("--no-glu", dest="glu", action="store_false",
                     help="a quantized gate/up GEMV without silu(gate) * up in its epilogue (default: with it, "
                          "core.kernels.dispatch.glu_matmul)")
+    ap.add_argument("--no-rope-epilogue", dest="rope_epilogue", action="store_false",
+                    help="a quantized q/k/v GEMV without the rotary embedding and cache write in its epilogue "
+                         "(default: with it, core.kernels.dispatch.rope_matmul)")
     ap.add_argument("--torchao-format", default="tile_packed_to_4d",
                     help="torchao-int4's int4_packing_format (tile_packed_to_4d: tinygemm; plain and preshuffled "
                          "need MSLK)")
@@ -458,6 +461,7 @@ def main():
     from core.kernels import dispatch
 
     dispatch.GLU_EPILOGUE = args.glu
+    dispatch.ROPE_EPILOGUE = args.rope_epilogue
     dev = torch.device(args.device)
     layers = args.layers or (2 if args.tiny else 32)
     args.batches = [int(x) for x in (args.batches or ("1,2" if args.tiny else "1,16")).split(",")]
@@ -474,7 +478,8 @@ def main():
     env = {"card": torch.cuda.get_device_name(0) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
            "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
            "python": platform.python_version(), "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
-           "merged_projections": args.merge, "glu_epilogue": args.glu}
+           "merged_projections": args.merge, "glu_epilogue": args.glu,
+           "rope_epilogue": args.rope_epilogue}
     try:
         import triton
         env["triton"] = triton.__version__

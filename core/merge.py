@@ -137,19 +137,25 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     fns = self._slimlm_fns
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    qkv = getattr(self, MERGED)(hidden_states)
+    stacked = getattr(self, MERGED)
     cos, sin = position_embeddings
     sizes = getattr(self, SPLIT)
+    heads, kv_heads = sizes[0] // self.head_dim, sizes[1] // self.head_dim
     q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
-    fused = None
+    fused = qkv = None
     if (fns.standard_rope and q_norm is None and k_norm is None and past_key_values is not None
             and hasattr(past_key_values, "update_rotary")):
-        # slimlm's static cache: rotary embedding and cache write as one kernel (core.kernels.rope_cache)
-        fused = past_key_values.update_rotary(qkv, cos, sin, self.layer_idx, sizes[0] // self.head_dim,
-                                              sizes[1] // self.head_dim)
+        # slimlm's static cache: rotary embedding and cache write as one kernel (core.kernels.rope_cache), or in
+        # the epilogue of a quantized q/k/v GEMV (one token)
+        if isinstance(stacked, QuantLinear) and hidden_states.is_cuda:
+            fused = past_key_values.project_rotary(hidden_states, stacked, cos, sin, self.layer_idx, heads, kv_heads)
+        if fused is None:
+            qkv = stacked(hidden_states)
+            fused = past_key_values.update_rotary(qkv, cos, sin, self.layer_idx, heads, kv_heads)
     if fused is not None:
         q, k, v = fused
     else:
+        qkv = stacked(hidden_states) if qkv is None else qkv
         q, k, v = (t.view(hidden_shape) for t in qkv.split(sizes, dim=-1))
         if q_norm is not None:
             q = q_norm(q)

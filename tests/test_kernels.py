@@ -229,6 +229,57 @@ def test_interp_words_glu_matches_silu_of_the_products(width, kdim, gs, bits, sy
         torch.testing.assert_close(y.float(), F.silu(plain[:, :width]) * plain[:, width:], rtol=_tol(dtype), atol=1e-3)
 
 
+# q/k/v projections of one token with the rotary embedding and the cache write in the GEMV's epilogue: heads,
+# kv heads, head width, K, group, symmetric, config. 3 + 2 x 1 heads of 16 leave a partial last block of pairs.
+WORDS_ROPE_CASES = [
+    (4, 2, 16, 256, 64, True, None),
+    (3, 1, 16, 200, 64, False, {"ROWS": 16, "BN": 4}),
+    (2, 1, 32, 576, 96, True, {"ROWS": 8, "BN": 8}),
+]
+
+
+@interp
+@pytest.mark.parametrize("heads,kv,d,kdim,gs,sym,cfg", WORDS_ROPE_CASES)
+def test_interp_words_rope_epilogue_equals_product_then_rope_cache(heads, kv, d, kdim, gs, sym, cfg):
+    """gemv(rope=...) gives the same q and caches, bit for bit, as the plain product followed by
+    rope_cache.rope_to_cache (fp16: the interpreter negates bf16 wrongly, so bf16 is checked on the GPU by
+    benchmarks/gpu_glu_gemv.py); the rest of each cache is untouched."""
+    from core.kernels import rope_cache, w4_words
+
+    dtype, length, n = torch.float16, 11, (heads + 2 * kv) * d
+    q = _layer(n, kdim, 4, gs, sym, bias=False)
+    x = _x(1, kdim, dtype)
+    g = torch.Generator().manual_seed(5)
+    angle = torch.randn(1, 1, d, generator=g) * 3
+    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+    pos = torch.tensor([7])
+    kc, vc = (torch.randn(1, kv, length, d, generator=g).to(dtype) for _ in range(2))
+    k_ref, v_ref = kc.clone(), vc.clone()
+    qkv = w4_words.gemv(x, *_args(q)[:5], n, config=cfg)
+    q_ref = rope_cache.rope_to_cache(qkv.view(1, 1, n), cos, sin, pos, k_ref, v_ref, heads, kv)
+    got = w4_words.gemv(x, *_args(q)[:5], n, config=cfg, rope=(cos, sin, pos, kc, vc, heads, kv))
+    assert got.shape == (1, heads * d) and got.dtype == dtype
+    assert torch.equal(got.view(1, 1, heads, d).transpose(1, 2), q_ref)
+    assert torch.equal(kc, k_ref) and torch.equal(vc, v_ref)
+    assert not torch.equal(kc[:, :, 7], kc[:, :, 6])  # the position was written
+
+
+@interp
+def test_interp_words_rope_refuses_what_does_not_match():
+    from core.kernels import w4_words
+
+    q = _layer(64, 256, 4, 64, True)
+    x = _x(1, 256, torch.float16)
+    cos = sin = torch.ones(1, 1, 16, dtype=torch.float16)
+    kc = torch.zeros(1, 1, 8, 16, dtype=torch.float16)
+    ok = (cos, sin, torch.tensor([0]), kc, kc.clone(), 2, 1)
+    assert w4_words.rope_supported(x, 64, 4, *ok)
+    with pytest.raises(ValueError, match="q/k/v projection"):
+        w4_words.gemv(x, *_args(q)[:5], 64, rope=(cos, sin, torch.tensor([0]), kc, kc.clone(), 3, 1))
+    assert not w4_words.rope_supported(x, 64, 4, cos, sin, torch.tensor([0]), kc.float(), kc.float(), 2, 1)
+    assert not w4_words.rope_supported(x, 64, 4, cos, sin, torch.tensor([0, 1]), kc, kc.clone(), 2, 1)
+
+
 @interp
 def test_interp_words_glu_refuses_a_split_k_or_an_odd_stack():
     from core.kernels import w4_words
@@ -909,9 +960,11 @@ def _words_gemv_sm90(pdl_mode: int) -> str:
 
     sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "b_ptr": "*fp16", "y_ptr": "*bf16",
            "N": "i32", "K": "i32", "KW": "i32", "gsize": "i32", "stride_wn": "i32", "stride_sn": "i32",
-           "stride_ys": "i32", "ROWS": "i32"}
+           "stride_ys": "i32", "ROWS": "i32", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "pos_ptr": "*i64",
+           "k_ptr": "*bf16", "v_ptr": "*bf16", "H": "i32", "HK": "i32", "sk_h": "i32", "sk_l": "i32", "sv_h": "i32",
+           "sv_l": "i32"}
     const = {"HAS_Z": False, "HAS_BIAS": False, "SPLIT_K": 1, "BN": 8, "BKW": 512, "GSHIFT": 4, "EVEN": True,
-             "BITS": 4, "USE_ASM": True, "GW": 16, "PAIRS": True, "PDL": pdl_mode}
+             "BITS": 4, "USE_ASM": True, "GW": 16, "PAIRS": True, "PDL": pdl_mode, "EPI": 0, "HALF_D": 1}
     return _compile_sm90(w4_words._gemv_kernel, sig, const, ("x_ptr", "w_ptr", "s_ptr", "y_ptr", "stride_wn"),
                          8)["ptx"]
 

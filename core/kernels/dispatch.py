@@ -4,7 +4,8 @@ scales, zeros, bits, group_size, in_features, out_features, bias, qweight) by de
   reference        dequantize to the input dtype, then F.linear (any device, any format): the oracle
   gemv_words       Triton, M == 1, 4/8-bit rows of whole 32-bit words (w4_words.py): CUDA-core FMAs on codes
                    taken from 32-bit words in the load's register layout (glu_matmul: with a gated MLP's
-                   silu(gate) * up in its epilogue)
+                   silu(gate) * up in its epilogue; rope_matmul: with the rotary embedding and KV-cache write of
+                   a merged q/k/v projection)
   mma              Triton + PTX mma.sync, 2 <= M <= MMA_MAX_M, symmetric 4-bit codes, bf16 x, groups of a
                    multiple of 128 (w4_mma.py): codes made into bf16 pairs in registers feed the tensor cores
   gemv             Triton, M <= GEMV_MAX_M: streams the packed weight once, CUDA-core FMAs
@@ -37,6 +38,7 @@ DOT_MAX_M = 256
 _FLOAT16 = (torch.float16, torch.bfloat16)
 _failed: set[tuple] = set()
 GLU_EPILOGUE = True  # False: glu_matmul declines (gate/up and silu as separate kernels, for A/B runs)
+ROPE_EPILOGUE = True  # False: rope_matmul declines (q/k/v product, then the rotary + cache kernel)
 
 
 @functools.cache
@@ -126,6 +128,32 @@ def glu_matmul(x: torch.Tensor, q) -> torch.Tensor | None:
         _failed.add(key)
         return None
     return y.view(*x.shape[:-1], q.out_features // 2)
+
+
+def rope_matmul(x: torch.Tensor, q, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor | None:
+    """For a merged q/k/v quantized linear q (core.merge) and one token x [1, 1, K]: q rotated [1, heads, 1, D],
+    with k rotated and v written into the caches [1, kv_heads, L, D] at pos, from the batch-1 GEMV's epilogue
+    (w4_words.gemv(rope=...)), as the product followed by core.kernels.rope_cache would give them. None where it does
+    not apply; the caller then runs q and the rotary kernel itself."""
+    if (not ROPE_EPILOGUE or not getattr(q, "fast", True) or x.dim() != 3 or x.shape[:2] != (1, 1)
+            or kernel_for(x, q) != "gemv_words"):
+        return None
+    from . import w4_words
+
+    key = ("gemv_rope", x.device.index, q.bits, x.dtype)
+    x2 = x.reshape(1, q.in_features)
+    if key in _failed or q.bias is not None or not w4_words.rope_supported(
+            x2, q.out_features, q.bits, cos, sin, pos, k_cache, v_cache, heads, kv_heads):
+        return None
+    try:
+        y = w4_words.gemv(x2.contiguous(), q.packed, q.scales, q.zeros, q.bits, q.group_size, q.out_features,
+                          rope=(cos, sin, pos, k_cache, v_cache, heads, kv_heads))
+    except Exception as e:  # noqa: BLE001  (as quant_matmul: report once, then the separate path)
+        log.warning("q/k/v kernel with the rotary embedding failed (%s); using the product and the rotary kernel", e)
+        _failed.add(key)
+        return None
+    return y.view(1, 1, heads, -1).transpose(1, 2)
 
 
 def quant_matmul(x: torch.Tensor, q, path: str | None = None) -> torch.Tensor:

@@ -37,6 +37,7 @@ import triton.language as tl
 
 from . import pdl
 from .pdl import pdl_launch_dependents, pdl_wait
+from .rope_cache import _mul
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 INDUCTOR_SPLIT_SUM = True  # sum_splits under torch.compile as PyTorch ops (False: the Triton kernel; for A/B runs)
@@ -124,18 +125,60 @@ def _load_x(x_ptr, k, K, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _pair_row(v, EPI: tl.constexpr, HALF_D: tl.constexpr):
+    """The first weight row of output pair v: v itself, or for ROPE (EPI 2) row d of head h (v = h HALF_D + d)."""
+    if EPI == 2:
+        return (v // HALF_D) * (2 * HALF_D) + v % HALF_D
+    return v
+
+
+@triton.jit
+def _rope_store(a, b, v, live, q_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, H, HK, sk_h, sk_l, sv_h, sv_l,
+                HALF_D: tl.constexpr, USE_ASM: tl.constexpr):
+    """Rows (d, d + HALF_D) of head h = v // HALF_D as a, b (float32 of output-dtype values): q and k rotated,
+    a * cos + rotate_half * sin = (a cos_d - b sin_d, b cos_{d+HALF_D} + a sin_{d+HALF_D}); q stored to q_ptr, k
+    and v into the caches at pos_ptr[0]."""
+    dt = q_ptr.dtype.element_ty
+    head = v // HALF_D
+    d = v % HALF_D
+    c0 = tl.load(cos_ptr + d).to(tl.float32)
+    c1 = tl.load(cos_ptr + d + HALF_D).to(tl.float32)
+    s0 = tl.load(sin_ptr + d).to(tl.float32)
+    s1 = tl.load(sin_ptr + d + HALF_D).to(tl.float32)
+    ra = (_mul(a, c0, USE_ASM).to(dt).to(tl.float32) + _mul(-b, s0, USE_ASM).to(dt).to(tl.float32)).to(dt)
+    rb = (_mul(b, c1, USE_ASM).to(dt).to(tl.float32) + _mul(a, s1, USE_ASM).to(dt).to(tl.float32)).to(dt)
+    pos = tl.load(pos_ptr)
+    is_q = live & (head < H)
+    tl.store(q_ptr + head * (2 * HALF_D) + d, ra, mask=is_q)
+    tl.store(q_ptr + head * (2 * HALF_D) + d + HALF_D, rb, mask=is_q)
+    is_k = live & (head >= H) & (head < H + HK)
+    kp = k_ptr + (head - H) * sk_h + pos * sk_l + d
+    tl.store(kp, ra, mask=is_k)
+    tl.store(kp + HALF_D, rb, mask=is_k)
+    is_v = live & (head >= H + HK)
+    vp = v_ptr + (head - H - HK) * sv_h + pos * sv_l + d
+    tl.store(vp, a.to(dt), mask=is_v)
+    tl.store(vp + HALF_D, b.to(dt), mask=is_v)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
                  N, K, KW, gsize, stride_wn, stride_sn, stride_ys, ROWS,
+                 cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, H, HK, sk_h, sk_l, sv_h, sv_l,
                  HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
                  BN: tl.constexpr, BKW: tl.constexpr, GSHIFT: tl.constexpr, EVEN: tl.constexpr,
                  BITS: tl.constexpr, USE_ASM: tl.constexpr, GW: tl.constexpr, PAIRS: tl.constexpr,
-                 PDL: tl.constexpr, GLU: tl.constexpr = 0):
+                 PDL: tl.constexpr, EPI: tl.constexpr = 0, HALF_D: tl.constexpr = 1):
     """Program (axis 0: a block of ROWS rows, axis 1: a chunk of BKW words of K); see the module docstring.
     EVEN: N is a multiple of ROWS and every K chunk is full, so no load needs a mask. GW: words per group when a
     group is a power of two no longer than the chunk (partials summed per group, one scale load per group), -1
     for one group per row, 0 otherwise (a scale gathered per word). PDL: see core.kernels.pdl.
-    GLU (K in one chunk): the weight's rows are [gate; up], each N long, and the program writes silu(gate) * up
-    for its ROWS rows: each tile is BN / 2 gate rows and the same rows of up."""
+    EPI (K in one chunk), epilogues over pairs of rows, each tile BN / 2 pairs; N counts pairs:
+      GLU   the rows are [gate; up], N each: writes silu(gate) * up;
+      ROPE  the rows are q/k/v of a merged attention projection for one token, H + 2 HK heads of 2 HALF_D rows,
+            paired (d, d + HALF_D) within a head: writes q rotated to y, k rotated and v into the caches (k_ptr,
+            v_ptr [HK, L, 2 HALF_D] strides sk_h / sk_l...) at position pos_ptr[0], with cos / sin [2 HALF_D], each
+            product and sum rounded as core.kernels.rope_cache rounds them."""
     pdl_wait(PDL)
     pdl_launch_dependents(PDL, 1)
     PER: tl.constexpr = 32 // BITS  # codes per word
@@ -176,16 +219,17 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
             xsg = tl.sum(tl.reshape(xsu, [BKW // GW, GW]), axis=1)
     elif GW < 0 and HAS_Z:
         xsg = tl.sum(xsu, axis=0)
-    STEP: tl.constexpr = BN // (1 + GLU)  # output rows per tile
+    STEP: tl.constexpr = BN // (1 + (EPI != 0))  # outputs (pairs of rows) per tile
     r0 = pid_n * ROWS
     rb = tl.arange(0, BN)
-    if GLU:  # tile row i < STEP: gate row r + i; i >= STEP: up row r + i - STEP, stored N rows further down
-        vb = rb % STEP
-        up_off = (rb // STEP) * N
+    vb = rb % STEP  # tile row i holds pair r + i % STEP: its first row for i < STEP, else its second
+    if EPI == 1:  # GLU
+        second = (rb // STEP) * N
+    elif EPI == 2:  # ROPE
+        second = (rb // STEP) * HALF_D
     else:
-        vb = rb
-        up_off = 0
-    rn = r0 + vb + up_off
+        second = 0
+    rn = _pair_row(r0 + vb, EPI, HALF_D) + second
     if EVEN:
         wu = tl.load(w_ptr + rn[:, None] * stride_wn + kw[None, :])
     else:
@@ -193,13 +237,14 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
                      other=0)
     for r in range(r0, r0 + ROWS, STEP):
         nmask = r + vb < N
-        rn = r + vb + up_off
+        rn = _pair_row(r + vb, EPI, HALF_D) + second
         wmask = nmask[:, None] & kmask[None, :]
         nxt = r + STEP + vb  # prefetch the next rows' words (masked off past this program's rows)
         nxt_mask = (nxt < r0 + ROWS)[:, None]
         if not EVEN:
             nxt_mask = nxt_mask & (nxt < N)[:, None] & kmask[None, :]
-        wn = tl.load(w_ptr + (nxt + up_off)[:, None] * stride_wn + kw[None, :], mask=nxt_mask, other=0)
+        wn = tl.load(w_ptr + (_pair_row(nxt, EPI, HALF_D) + second)[:, None] * stride_wn + kw[None, :],
+                     mask=nxt_mask, other=0)
         u = wu.to(tl.uint32, bitcast=True)
         if PAIRS:  # sum (c - 8) x (symmetric) or sum c x
             part = _word_dot_bf16x2(u, x04[None, :], x15[None, :], x26[None, :], x37[None, :])
@@ -240,15 +285,20 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
         if SPLIT_K == 1:
             if HAS_BIAS:
                 y += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-            if GLU:  # gate and up rounded to the output dtype first, as the separate product would be
-                y2 = tl.reshape(y.to(y_ptr.dtype.element_ty).to(tl.float32), [2, STEP])
-                half = tl.arange(0, 2)[:, None]
-                gate = tl.sum(tl.where(half == 0, y2, 0.0), axis=0)
-                up = tl.sum(tl.where(half == 1, y2, 0.0), axis=0)
-                ro = r + tl.arange(0, STEP)
-                tl.store(y_ptr + ro, (gate / (1.0 + tl.exp(-gate)) * up).to(y_ptr.dtype.element_ty), mask=ro < N)
-            else:
+            if EPI == 0:
                 tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
+            else:  # both rows of each pair, rounded to the output dtype first as the separate product would be
+                dt = y_ptr.dtype.element_ty
+                y2 = tl.reshape(y.to(dt).to(tl.float32), [2, STEP])
+                half = tl.arange(0, 2)[:, None]
+                a = tl.sum(tl.where(half == 0, y2, 0.0), axis=0)
+                b = tl.sum(tl.where(half == 1, y2, 0.0), axis=0)
+                vo = r + tl.arange(0, STEP)
+                if EPI == 1:  # GLU
+                    tl.store(y_ptr + vo, (a / (1.0 + tl.exp(-a)) * b).to(dt), mask=vo < N)
+                else:
+                    _rope_store(a, b, vo, vo < N, y_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, H, HK,
+                                sk_h, sk_l, sv_h, sv_l, HALF_D, USE_ASM)
         else:
             tl.store(y_ptr + pid_k * stride_ys + rn, y, mask=nmask)
         wu = wn
@@ -359,40 +409,70 @@ def default_gemv_config(n: int, k: int, bits: int = 4, pairs: bool = False) -> d
 
 def glu_supported(n_out: int, k: int, bits: int) -> bool:
     """Whether gemv(..., glu=True) takes a stacked [gate; up] weight of n_out rows: an even n_out and K in one
-    chunk of the default tile (at most 512 words: 4096 4-bit codes), since silu needs each row's whole sum."""
+    chunk of the default tile (at most 512 words: 4096 4-bit codes), since the epilogue needs each row's whole sum."""
     return n_out % 2 == 0 and n_out > 0 and -(-k // (32 // bits)) <= 512
+
+
+def rope_supported(x: torch.Tensor, n_out: int, bits: int, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int) -> bool:
+    """Whether gemv(..., rope=...) takes this merged q/k/v projection of one token: K in one chunk, n_out =
+    (heads + 2 kv_heads) D for the caches' head width D (an even power of two), caches [1, kv_heads, L, D] of x's
+    dtype with unit stride over D, cos / sin of D contiguous values, one position."""
+    d = k_cache.shape[-1] if k_cache.dim() == 4 else 0
+    return (glu_supported(n_out, x.shape[-1], bits) and d >= 2 and d & (d - 1) == 0
+            and n_out == (heads + 2 * kv_heads) * d
+            and all(c.shape[:2] == (1, kv_heads) and c.shape[3] == d and c.dtype == x.dtype and c.stride(3) == 1
+                    for c in (k_cache, v_cache)) and v_cache.shape == k_cache.shape
+            and all(t.numel() == d and t.stride(-1) == 1 and t.dtype in (torch.float16, torch.bfloat16, torch.float32)
+                    for t in (cos, sin)) and pos.numel() == 1)
 
 
 def gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
          group_size: int, n_out: int, bias: torch.Tensor | None = None, config: dict | None = None,
-         glu: bool = False) -> torch.Tensor:
+         glu: bool = False, rope: tuple | None = None) -> torch.Tensor:
     """x [1, K] (contiguous) -> y [1, N] in x.dtype; K is split into chunks of BKW words (one per program column).
-    glu: the n_out rows are [gate; up] of a gated MLP; returns silu(gate) * up [1, n_out / 2] from the same
-    kernel (K must fit one chunk: glu_supported). A config's ROWS then counts output rows."""
+    With an epilogue (K in one chunk; a config's ROWS then counts outputs, pairs of rows):
+      glu   the n_out rows are [gate; up] of a gated MLP: returns silu(gate) * up [1, n_out / 2] (glu_supported);
+      rope  (cos, sin, pos, k_cache, v_cache, heads, kv_heads): the rows are a merged q/k/v projection of one
+            token; returns q rotated [1, heads D], and writes k rotated and v into the caches at pos
+            (rope_supported), as core.kernels.rope_cache.rope_to_cache does with the plain product."""
     m, k = x.shape
     if m != 1:
         raise ValueError("gemv_words takes one row of x")
     use_asm = (config or {}).get("USE_ASM", not INTERPRET)
     pairs = use_asm and bits == 4 and x.dtype == torch.bfloat16 and (config or {}).get("PAIRS", True)
+    epi = 1 if glu else 2 if rope is not None else 0
     cfg = default_gemv_config(n_out, k, bits, pairs)
-    if glu:
-        cfg["ROWS"] //= 2  # the same rows per program as the plain product of [gate; up]
+    if epi:
+        cfg["ROWS"] //= 2  # the same rows per program as the plain product
     cfg.update(config or {})
     _check(bits, group_size, k, packed, cfg["BKW"])
-    n_rows = n_out // 2 if glu else n_out
-    step = cfg["BN"] // 2 if glu else cfg["BN"]
-    if glu and (n_out % 2 or cfg["BN"] % 2):
-        raise ValueError(f"a gate/up product needs an even number of rows and BN, got {n_out} and {cfg['BN']}")
+    n_rows = n_out // 2 if epi else n_out
+    step = cfg["BN"] // 2 if epi else cfg["BN"]
+    if epi and (n_out % 2 or cfg["BN"] % 2):
+        raise ValueError(f"an epilogue over pairs of rows needs an even number of rows and BN, got {n_out} and "
+                         f"{cfg['BN']}")
     if cfg["ROWS"] % step:
-        raise ValueError("ROWS must be a multiple of BN" + (" / 2" if glu else ""))
+        raise ValueError("ROWS must be a multiple of BN" + (" / 2" if epi else ""))
     w = packed.view(torch.int32)
     kw = w.shape[1]
     split = triton.cdiv(kw, cfg["BKW"])
-    if glu and split > 1:
-        raise ValueError(f"a gate/up product needs K in one chunk; {kw} words of K do not fit {cfg['BKW']}")
-    y, stride_ys = split_output(x, 1, n_rows, split)
+    if epi and split > 1:
+        raise ValueError(f"an epilogue needs K in one chunk; {kw} words of K do not fit {cfg['BKW']}")
+    rope_args, half_d = (x, x, x, x, x, 0, 0, 0, 0, 0, 0), 1
+    if rope is not None:
+        cos, sin, pos, kc, vc, heads, kv_heads = rope
+        if not rope_supported(x, n_out, bits, cos, sin, pos, kc, vc, heads, kv_heads):
+            raise ValueError(f"rope takes a q/k/v projection of (heads + 2 kv_heads) D rows and caches [1, kv_heads, "
+                             f"L, D] of x's dtype; got {n_out} rows, caches {tuple(kc.shape)} {kc.dtype}, heads "
+                             f"{heads} / {kv_heads}")
+        half_d = kc.shape[-1] // 2
+        rope_args = (cos, sin, pos, kc, vc, heads, kv_heads, kc.stride(1), kc.stride(2), vc.stride(1), vc.stride(2))
+        y, stride_ys = torch.empty(1, heads * 2 * half_d, device=x.device, dtype=x.dtype), 0
+    else:
+        y, stride_ys = split_output(x, 1, n_rows, split)
     args = (x, w, scales, scales if zeros is None else zeros, scales if bias is None else bias, y,
-            n_rows, k, kw, group_size, w.stride(0), scales.stride(0), stride_ys, cfg["ROWS"])
+            n_rows, k, kw, group_size, w.stride(0), scales.stride(0), stride_ys, cfg["ROWS"], *rope_args)
     common = {"HAS_Z": zeros is not None, "HAS_BIAS": bias is not None and split == 1, "SPLIT_K": split,
               "BN": cfg["BN"], "GSHIFT": group_shift(group_size, k, bits), "BITS": bits,
               "EVEN": n_rows % cfg["ROWS"] == 0 and kw % cfg["BKW"] == 0 and k == (32 // bits) * kw,
@@ -404,6 +484,6 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: tor
     elif common["GSHIFT"] >= 0 and (1 << common["GSHIFT"]) <= cfg["BKW"] and cfg.get("GROUPED", True):
         gw = 1 << common["GSHIFT"]
     pdl_mode = pdl.mode(x.device, grid[0] * grid[1])
-    _gemv_kernel[grid](*args, BKW=cfg["BKW"], USE_ASM=use_asm, GW=gw, PAIRS=pairs, PDL=pdl_mode, GLU=int(glu),
-                       **common, **pdl.launch(pdl_mode))
+    _gemv_kernel[grid](*args, BKW=cfg["BKW"], USE_ASM=use_asm, GW=gw, PAIRS=pairs, PDL=pdl_mode, EPI=epi,
+                       HALF_D=half_d, **common, **pdl.launch(pdl_mode))
     return y if split == 1 else sum_splits(y, x.dtype, bias)

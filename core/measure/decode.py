@@ -83,20 +83,41 @@ class StaticKVCache(_cache_base()):
         v.index_copy_(2, self.write_pos, value_states.to(v.dtype))
         return k, v
 
+    def _rotary_buffers(self, t: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The layer's K / V buffers where a rotary + cache kernel may write them for input t, else None."""
+        k = self.key_cache.get(layer_idx)
+        if (not ROPE_KERNEL or k is None or self.write_pos is None or t.device.index in _rope_failed
+                or not (t.is_cuda or _interpreted()) or torch.is_grad_enabled() and t.requires_grad):
+            return None
+        from core.kernels.dispatch import triton_available
+
+        return (k, self.value_cache[layer_idx]) if triton_available() else None
+
+    def project_rotary(self, x: torch.Tensor, proj, cos: torch.Tensor, sin: torch.Tensor, layer_idx: int,
+                       heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """update_rotary with the merged q/k/v projection `proj` (a QuantLinear) of one token x [1, 1, K] in the
+        same kernel: the batch-1 GEMV rotates and writes the cache in its epilogue (core.kernels.dispatch.
+        rope_matmul). Returns (rotated q [1, H, 1, D], K buffer, V buffer), or None where that does not apply."""
+        bufs = self._rotary_buffers(x, layer_idx)
+        if bufs is None or self.write_pos.numel() != 1:
+            return None
+        from core.kernels.dispatch import rope_matmul
+
+        q = rope_matmul(x, proj, cos, sin, self.write_pos, *bufs, heads, kv_heads)
+        if q is None:
+            return None
+        rope_kernel_used.add(x.device.index)
+        return (q, *bufs)
+
     def update_rotary(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer_idx: int, heads: int,
                       kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """For a merged q/k/v projection (core.merge): the rotary embedding of q and k and this update in one kernel
         (core.kernels.rope_cache). Returns (rotated q [B, H, S, D], K buffer, V buffer), or None where the kernel
         does not apply (no buffers yet, not CUDA, ...): the caller then rotates and calls update()."""
-        k = self.key_cache.get(layer_idx)
-        if (not ROPE_KERNEL or k is None or self.write_pos is None or qkv.device.index in _rope_failed
-                or not (qkv.is_cuda or _interpreted()) or torch.is_grad_enabled() and qkv.requires_grad):
+        bufs = self._rotary_buffers(qkv, layer_idx)
+        if bufs is None:
             return None
-        from core.kernels.dispatch import triton_available
-
-        v = self.value_cache[layer_idx]
-        if not triton_available():
-            return None
+        k, v = bufs
         from core.kernels import rope_cache
 
         if (not rope_cache.supported(qkv, cos, sin, k, v, heads, kv_heads, k.shape[-1])
