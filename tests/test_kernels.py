@@ -247,7 +247,7 @@ def test_interp_words_rope_epilogue_equals_product_then_rope_cache(heads, kv, d,
     from core.kernels import rope_cache, w4_words
 
     dtype, length, n = torch.float16, 11, (heads + 2 * kv) * d
-    q = _layer(n, kdim, 4, gs, sym, bias=False)
+    q = _layer(n, kdim, 4, gs, sym, bias=not sym)  # q/k/v with a bias (Qwen2) where asymmetric
     x = _x(1, kdim, dtype)
     g = torch.Generator().manual_seed(5)
     angle = torch.randn(1, 1, d, generator=g) * 3
@@ -255,9 +255,9 @@ def test_interp_words_rope_epilogue_equals_product_then_rope_cache(heads, kv, d,
     pos = torch.tensor([7])
     kc, vc = (torch.randn(1, kv, length, d, generator=g).to(dtype) for _ in range(2))
     k_ref, v_ref = kc.clone(), vc.clone()
-    qkv = w4_words.gemv(x, *_args(q)[:5], n, config=cfg)
+    qkv = w4_words.gemv(x, *_args(q)[:5], n, q.bias, config=cfg)
     q_ref = rope_cache.rope_to_cache(qkv.view(1, 1, n), cos, sin, pos, k_ref, v_ref, heads, kv)
-    got = w4_words.gemv(x, *_args(q)[:5], n, config=cfg, rope=(cos, sin, pos, kc, vc, heads, kv))
+    got = w4_words.gemv(x, *_args(q)[:5], n, q.bias, config=cfg, rope=(cos, sin, pos, kc, vc, heads, kv))
     assert got.shape == (1, heads * d) and got.dtype == dtype
     assert torch.equal(got.view(1, 1, heads, d).transpose(1, 2), q_ref)
     assert torch.equal(kc, k_ref) and torch.equal(vc, v_ref)

@@ -143,11 +143,12 @@ def rope_matmul(x: torch.Tensor, q, cos: torch.Tensor, sin: torch.Tensor, pos: t
 
     key = ("gemv_rope", x.device.index, q.bits, x.dtype)
     x2 = x.reshape(1, q.in_features)
-    if key in _failed or q.bias is not None or not w4_words.rope_supported(
-            x2, q.out_features, q.bits, cos, sin, pos, k_cache, v_cache, heads, kv_heads):
+    if key in _failed or not w4_words.rope_supported(x2, q.out_features, q.bits, cos, sin, pos, k_cache, v_cache,
+                                                      heads, kv_heads):
         return None
+    bias = None if q.bias is None else q.bias.detach()  # (Qwen2's q/k/v) added before the rotation
     try:
-        y = w4_words.gemv(x2.contiguous(), q.packed, q.scales, q.zeros, q.bits, q.group_size, q.out_features,
+        y = w4_words.gemv(x2.contiguous(), q.packed, q.scales, q.zeros, q.bits, q.group_size, q.out_features, bias,
                           rope=(cos, sin, pos, k_cache, v_cache, heads, kv_heads))
     except Exception as e:  # noqa: BLE001  (as quant_matmul: report once, then the separate path)
         log.warning("q/k/v kernel with the rotary embedding failed (%s); using the product and the rotary kernel", e)

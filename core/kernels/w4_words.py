@@ -19,6 +19,9 @@ Scales and zeros: where a group is 2**p words and fits in a chunk (GW), word par
 scaled once per (row, group); one group per row is scaled once per row; other group sizes (any multiple of PER,
 incl. a last group the group size does not divide) gather a scale per (row, word). K longer than one chunk is split
 over programs, whose float32 partials one small kernel sums (+ bias, cast).
+Epilogues (K in one chunk, i.e. one token of a layer up to 4096 wide at 4 bits): pairs of rows per output, so that the
+work of the kernel that would read the product is done here instead: silu(gate) * up of a merged gate/up (glu), or
+the rotary embedding of a merged q/k/v with the KV-cache write (rope); benchmarks/gpu_gemv_epilogues.py.
 
 Tried and dropped on an H100 (benchmarks/RESULTS.md): a version whose programs walk K with x loaded per step
 (x reached each thread through shared memory every step; 1.65-1.78x bf16), tensor-core versions that feed tl.dot
