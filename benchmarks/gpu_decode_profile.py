@@ -48,7 +48,8 @@ def main():
     args = types.SimpleNamespace(tiny=False, seed=0, batches=[1], merge=a.merge)
     out = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(0),
            "torch": torch.__version__, "command": command,
-           "layers": a.layers, "max_len": a.max_len, "merged_projections": a.merge, "glu_epilogue": a.glu, "rope_epilogue": a.rope_epilogue,
+           "layers": a.layers, "max_len": a.max_len, "merged_projections": a.merge, "glu_epilogue": a.glu,
+           "rope_epilogue": a.rope_epilogue,
            "inductor_multi_kernel": inductor_multi_kernel(), "configs": {}}
     for name in a.configs.split(","):
         with torch.inference_mode(), grouped_decode_attention():  # as StaticDecoder.run steps

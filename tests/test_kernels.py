@@ -955,7 +955,7 @@ def test_w4_mma_asm_gets_the_lane_layout(nt):
         assert want.search(layouts[name]), (name, layouts[name])
 
 
-def _words_gemv_sm90(pdl_mode: int) -> str:
+def _words_gemv_sm90(pdl_mode: int, **overrides) -> str:
     from core.kernels import w4_words
 
     sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "b_ptr": "*fp16", "y_ptr": "*bf16",
@@ -964,7 +964,8 @@ def _words_gemv_sm90(pdl_mode: int) -> str:
            "k_ptr": "*bf16", "v_ptr": "*bf16", "H": "i32", "HK": "i32", "sk_h": "i32", "sk_l": "i32", "sv_h": "i32",
            "sv_l": "i32"}
     const = {"HAS_Z": False, "HAS_BIAS": False, "SPLIT_K": 1, "BN": 8, "BKW": 512, "GSHIFT": 4, "EVEN": True,
-             "BITS": 4, "USE_ASM": True, "GW": 16, "PAIRS": True, "PDL": pdl_mode, "EPI": 0, "HALF_D": 1}
+             "BITS": 4, "USE_ASM": True, "GW": 16, "PAIRS": True, "PDL": pdl_mode, "EPI": 0, "HALF_D": 1,
+             **overrides}
     return _compile_sm90(w4_words._gemv_kernel, sig, const, ("x_ptr", "w_ptr", "s_ptr", "y_ptr", "stride_wn"),
                          8)["ptx"]
 
@@ -987,6 +988,17 @@ def test_pdl_gemv_waits_before_it_touches_memory(pdl_mode):
         assert trigger < first_mem
     else:
         assert trigger > ptx.rindex("ld.global")
+
+
+@pytest.mark.parametrize("epi", [1, 2])
+def test_words_gemv_epilogues_compile_for_sm90_with_rounded_rotary_products(epi):
+    """The GLU and ROPE epilogues (with a bias) compile for sm_90; the rotary products stay explicitly rounded
+    multiplies (mul.rn.f32, 4 per pair), which ptxas may not contract into FMAs: the q/k it writes are then bit for
+    bit what core.kernels.rope_cache writes."""
+    pytest.importorskip("triton")
+    ptx = _words_gemv_sm90(2, EPI=epi, HALF_D=64 if epi == 2 else 1, HAS_BIAS=True)
+    assert ptx.count("mul.rn.f32") == (4 if epi == 2 else 0)
+    assert ptx.count("st.global") == (6 if epi == 2 else 1)  # q pair, k pair, v pair / silu(gate) * up
 
 
 @pytest.mark.parametrize("name", ["w4_words._gemv_kernel", "w4_words._sum_splits_kernel", "w4_mma._mma_kernel",
