@@ -281,6 +281,26 @@ def test_interp_words_rope_refuses_what_does_not_match():
 
 
 @interp
+def test_interp_epilogue_dispatch_runs_the_kernel_and_reports_a_failure_once(caplog):
+    """dispatch._gemv_epilogue (behind glu_matmul / rope_matmul, which run it on CUDA only) gives the kernel's
+    output for a [1, 1, K] token; a kernel that raises is logged, its key marked failed, and None returned."""
+    q = _layer(48, 576, 4, 64, True)
+    x = _x(1, 576, torch.float16).view(1, 1, 576)
+    from core.kernels import w4_words
+
+    y = dispatch._gemv_epilogue(x, q, ("gemv_glu", None, 4, torch.float16), glu=True)
+    assert torch.equal(y, w4_words.gemv(x.view(1, 576), *_args(q)[:5], 48, q.bias, glu=True))
+    key = ("gemv_rope", None, 4, torch.float16)
+    kc = torch.zeros(1, 1, 8, 16, dtype=torch.float16)
+    bad = (torch.ones(1, 1, 16, dtype=torch.float16),) * 2 + (torch.tensor([0]), kc, kc.clone(), 5, 1)
+    try:
+        assert dispatch._gemv_epilogue(x, q, key, rope=bad) is None  # 48 rows are not 7 heads of 16
+        assert key in dispatch._failed and "gemv_rope kernel with its epilogue failed" in caplog.text
+    finally:
+        dispatch._failed.discard(key)
+
+
+@interp
 def test_interp_words_glu_refuses_a_split_k_or_an_odd_stack():
     from core.kernels import w4_words
 

@@ -105,6 +105,21 @@ def kernel_for(x: torch.Tensor, q) -> str:
     return "reference" if (path, x.device.index, q.bits, x.dtype) in _failed else path
 
 
+def _gemv_epilogue(x: torch.Tensor, q, key: tuple, **epilogue) -> torch.Tensor | None:
+    """w4_words.gemv of one token x with an epilogue (glu=True or rope=...), or None if that kernel raises: as in
+    quant_matmul, the failure is reported once and the caller runs the separate kernels from then on."""
+    from . import w4_words
+
+    bias = None if q.bias is None else q.bias.detach()
+    try:
+        return w4_words.gemv(x.reshape(1, q.in_features).contiguous(), q.packed, q.scales, q.zeros, q.bits,
+                             q.group_size, q.out_features, bias, **epilogue)
+    except Exception as e:  # noqa: BLE001  (triton's CompilationError is no RuntimeError)
+        log.warning("%s kernel with its epilogue failed (%s); using the separate kernels", key[0], e)
+        _failed.add(key)
+        return None
+
+
 def glu_matmul(x: torch.Tensor, q) -> torch.Tensor | None:
     """silu(gate) * up [..., width] for a stacked [gate; up] quantized linear q (out_features = 2 width, core.merge)
     from one kernel: the batch-1 GEMV with the activation in its epilogue (w4_words.gemv(glu=True)), which saves the
@@ -117,44 +132,28 @@ def glu_matmul(x: torch.Tensor, q) -> torch.Tensor | None:
     key = ("gemv_glu", x.device.index, q.bits, x.dtype)
     if key in _failed or not w4_words.glu_supported(q.out_features, q.in_features, q.bits):
         return None
-    x2 = x.reshape(1, q.in_features)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    bias = None if q.bias is None else q.bias.detach()
-    try:
-        y = w4_words.gemv(x2, q.packed, q.scales, q.zeros, q.bits, q.group_size, q.out_features, bias, glu=True)
-    except Exception as e:  # noqa: BLE001  (as quant_matmul: report once, then the separate path)
-        log.warning("gate/up kernel with silu failed (%s); using the separate product and activation", e)
-        _failed.add(key)
-        return None
-    return y.view(*x.shape[:-1], q.out_features // 2)
+    y = _gemv_epilogue(x, q, key, glu=True)
+    return None if y is None else y.view(*x.shape[:-1], q.out_features // 2)
 
 
 def rope_matmul(x: torch.Tensor, q, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor | None:
-    """For a merged q/k/v quantized linear q (core.merge) and one token x [1, 1, K]: q rotated [1, heads, 1, D],
-    with k rotated and v written into the caches [1, kv_heads, L, D] at pos, from the batch-1 GEMV's epilogue
-    (w4_words.gemv(rope=...)), as the product followed by core.kernels.rope_cache would give them. None where it does
-    not apply; the caller then runs q and the rotary kernel itself."""
+    """For a merged q/k/v quantized linear q (core.merge; a bias, as Qwen2's, is added before the rotation) and one
+    token x [1, 1, K]: q rotated [1, heads, 1, D], with k rotated and v written into the caches [1, kv_heads, L, D]
+    at pos, from the batch-1 GEMV's epilogue (w4_words.gemv(rope=...)), as the product followed by
+    core.kernels.rope_cache would give them. None where it does not apply; the caller then runs q and the rotary
+    kernel itself."""
     if (not ROPE_EPILOGUE or not getattr(q, "fast", True) or x.dim() != 3 or x.shape[:2] != (1, 1)
             or kernel_for(x, q) != "gemv_words"):
         return None
     from . import w4_words
 
     key = ("gemv_rope", x.device.index, q.bits, x.dtype)
-    x2 = x.reshape(1, q.in_features)
-    if key in _failed or not w4_words.rope_supported(x2, q.out_features, q.bits, cos, sin, pos, k_cache, v_cache,
-                                                      heads, kv_heads):
+    if key in _failed or not w4_words.rope_supported(x.reshape(1, -1), q.out_features, q.bits, cos, sin, pos,
+                                                      k_cache, v_cache, heads, kv_heads):
         return None
-    bias = None if q.bias is None else q.bias.detach()  # (Qwen2's q/k/v) added before the rotation
-    try:
-        y = w4_words.gemv(x2.contiguous(), q.packed, q.scales, q.zeros, q.bits, q.group_size, q.out_features, bias,
-                          rope=(cos, sin, pos, k_cache, v_cache, heads, kv_heads))
-    except Exception as e:  # noqa: BLE001  (as quant_matmul: report once, then the separate path)
-        log.warning("q/k/v kernel with the rotary embedding failed (%s); using the product and the rotary kernel", e)
-        _failed.add(key)
-        return None
-    return y.view(1, 1, heads, -1).transpose(1, 2)
+    y = _gemv_epilogue(x, q, key, rope=(cos, sin, pos, k_cache, v_cache, heads, kv_heads))
+    return None if y is None else y.view(1, 1, heads, -1).transpose(1, 2)
 
 
 def quant_matmul(x: torch.Tensor, q, path: str | None = None) -> torch.Tensor:
