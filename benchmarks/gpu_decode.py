@@ -452,6 +452,9 @@ def main():
     ap.add_argument("--no-rope-epilogue", dest="rope_epilogue", action="store_false",
                     help="a quantized q/k/v GEMV without the rotary embedding and cache write in its epilogue "
                          "(default: with it, core.kernels.dispatch.rope_matmul)")
+    ap.add_argument("--no-residual-in-product", dest="residual_in_product", action="store_false",
+                    help="decoder layers add the residual after o_proj / down_proj instead of in their kernels "
+                         "(default: in them, core.fusion.linear_residual)")
     ap.add_argument("--torchao-format", default="tile_packed_to_4d",
                     help="torchao-int4's int4_packing_format (tile_packed_to_4d: tinygemm; plain and preshuffled "
                          "need MSLK)")
@@ -462,6 +465,9 @@ def main():
 
     dispatch.GLU_EPILOGUE = args.glu
     dispatch.ROPE_EPILOGUE = args.rope_epilogue
+    from core import fusion
+
+    fusion.RESIDUAL_IN_PRODUCT = args.residual_in_product
     dev = torch.device(args.device)
     layers = args.layers or (2 if args.tiny else 32)
     args.batches = [int(x) for x in (args.batches or ("1,2" if args.tiny else "1,16")).split(",")]
@@ -479,7 +485,8 @@ def main():
            "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
            "python": platform.python_version(), "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
            "merged_projections": args.merge, "glu_epilogue": args.glu,
-           "rope_epilogue": args.rope_epilogue}
+           "rope_epilogue": args.rope_epilogue,
+           "residual_in_product": args.residual_in_product}
     try:
         import triton
         env["triton"] = triton.__version__

@@ -32,6 +32,8 @@ def main():
     ap.add_argument("--no-glu", dest="glu", action="store_false", help="gate/up GEMV without silu in its epilogue")
     ap.add_argument("--no-rope-epilogue", dest="rope_epilogue", action="store_false",
                     help="q/k/v GEMV without the rotary embedding and cache write in its epilogue")
+    ap.add_argument("--no-residual-in-product", dest="residual_in_product", action="store_false",
+                    help="residual adds after o_proj / down_proj instead of in their kernels")
     a = ap.parse_args()
     command = "python3 " + " ".join(["benchmarks/gpu_decode_profile.py"] + sys.argv[1:])
     sys.argv = sys.argv[:1]  # gpu_decode parses nothing at import, but keep its view clean
@@ -43,13 +45,16 @@ def main():
 
     dispatch.GLU_EPILOGUE = a.glu
     dispatch.ROPE_EPILOGUE = a.rope_epilogue
+    from core import fusion
+
+    fusion.RESIDUAL_IN_PRODUCT = a.residual_in_product
 
     dev = torch.device("cuda")
     args = types.SimpleNamespace(tiny=False, seed=0, batches=[1], merge=a.merge)
     out = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(0),
            "torch": torch.__version__, "command": command,
            "layers": a.layers, "max_len": a.max_len, "merged_projections": a.merge, "glu_epilogue": a.glu,
-           "rope_epilogue": a.rope_epilogue,
+           "rope_epilogue": a.rope_epilogue, "residual_in_product": a.residual_in_product,
            "inductor_multi_kernel": inductor_multi_kernel(), "configs": {}}
     for name in a.configs.split(","):
         with torch.inference_mode(), grouped_decode_attention():  # as StaticDecoder.run steps

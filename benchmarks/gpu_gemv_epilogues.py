@@ -8,6 +8,9 @@
     StaticKVCache.project_rotary): bit for bit against the plain product followed by core.kernels.rope_cache, at
     Llama-3-8B's q/k/v (32 + 2 x 8 heads of 128) and SmolLM2's (9 + 2 x 3 heads of 64); a merged 4-bit tiny Llama
     decoded through StaticDecoder (CUDA graph) with the epilogue on and off: the same tokens;
+  - the residual add after o_proj / down_proj (gemv(residual=...), core.fusion.linear_residual): bit for bit the
+    product followed by PyTorch's add, at Llama-3-8B's o (K in one chunk) and down (K split, summed with the add);
+    bf16 nn.Linear's addmm(residual, x, W^T) against mm + add;
   - time inside a CUDA graph over weight copies > 3x L2, fused against separate.
 
   python3 benchmarks/gpu_gemv_epilogues.py --out DIR/gpu_gemv_epilogues.json     (exit 1 if a case is off)
@@ -44,6 +47,8 @@ ROPE_CASES = [  # name, heads, kv heads, head width, K, group, symmetric
     ("Llama-3-8B q/k/v asym", 32, 8, 128, 4096, 128, False),
     ("SmolLM2 q/k/v 960x576 g32 asym", 9, 3, 64, 576, 32, False),
 ]
+
+RESIDUAL_CASES = [("Llama-3-8B o 4096x4096", 4096, 4096), ("Llama-3-8B down 4096x14336", 4096, 14336)]
 
 
 def main():
@@ -96,6 +101,9 @@ def main():
     bad += not rows[-1]["ok"]
     for name, heads, kv, d, k, gs, sym in ROPE_CASES:
         rows.append(rope_case(name, heads, kv, d, k, gs, sym, l2))
+        bad += not rows[-1]["ok"]
+    for name, n, k in RESIDUAL_CASES:
+        rows.append(residual_case(name, n, k, l2))
         bad += not rows[-1]["ok"]
     rows.append(decoder_check())
     bad += not rows[-1]["ok"]
@@ -190,6 +198,32 @@ def rope_case(name, heads, kv, d, k, gs, sym, l2) -> dict:
 
 
 @torch.inference_mode()
+def residual_case(name, n, k, l2) -> dict:
+    """4-bit: gemv(residual=r) bit-equal to r + gemv; bf16: addmm against mm + add (its error); times of each."""
+    q = gk.make_qlinear(n, k, 4, 128, True)
+    x, r = (torch.randn(1, k, device="cuda", dtype=torch.bfloat16), torch.randn(1, n, device="cuda",
+                                                                                  dtype=torch.bfloat16))
+    args = (q.packed, q.scales, q.zeros, q.bits, q.group_size, n)
+    equal = torch.equal(w4_words.gemv(x, *args, residual=r), r + w4_words.gemv(x, *args))
+    copies = [gk.clone_q(q) for _ in range(gk.n_copies(gk.qbytes(q), l2))]
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    wcopies = [w.clone() for _ in range(gk.n_copies(w.numel() * 2, l2))]
+    addmm_err = gk.rel(torch.addmm(r, x, w.t()), (r.float() + x.float() @ w.float().t()))
+    sep_err = gk.rel(r + x @ w.t(), (r.float() + x.float() @ w.float().t()))
+    us = {"w4 fused": gk.graph_time([lambda c=c: w4_words.gemv(x, c.packed, c.scales, c.zeros, c.bits, c.group_size,
+                                                               n, residual=r) for c in copies]),
+          "w4 gemv + add": gk.graph_time([lambda c=c: r + w4_words.gemv(x, c.packed, c.scales, c.zeros, c.bits,
+                                                                        c.group_size, n) for c in copies]),
+          "bf16 addmm": gk.graph_time([lambda w=w: torch.addmm(r, x, w.t()) for w in wcopies]),
+          "bf16 mm + add": gk.graph_time([lambda w=w: r + x @ w.t() for w in wcopies])}
+    row = {"case": name + " + residual", "N": n, "K": k, "w4_bit_equal": equal, "bf16_addmm_rel_err": addmm_err,
+           "bf16_mm_add_rel_err": sep_err, "ok": equal and addmm_err < 8e-3, "us": us}
+    gk.log(f"{row['case']}: w4 equal {equal}; bf16 addmm err {addmm_err:.1e} (mm + add {sep_err:.1e}); "
+           + ", ".join(f"{a} {t:.2f} us" for a, t in us.items()))
+    return row
+
+
+@torch.inference_mode()
 def decoder_check() -> dict:
     """A merged 4-bit tiny Llama through StaticDecoder (CUDA graph): the same tokens with the q/k/v epilogue on and
     off, and the epilogue taken at every layer of the decode step."""
@@ -212,6 +246,7 @@ def decoder_check() -> dict:
                     setattr(parent, n, QuantLinear.from_linear(lin, quantize_rtn(lin.weight.detach(), 4, 128, True)))
     model = model.cuda().to(torch.bfloat16)
     merged = merge.merge_projections(model)
+    decoders = merge.merged_decoder_layers(model)
     ids = torch.randint(0, 1000, (1, 12), device="cuda")
     calls = []
     real = dispatch.rope_matmul
@@ -223,21 +258,22 @@ def decoder_check() -> dict:
 
     out = {}
     try:
-        for on in (True, False):
-            dispatch.ROPE_EPILOGUE = on
+        for on in (True, False):  # the q/k/v epilogue and the residual adds in the products, on and off
+            dispatch.ROPE_EPILOGUE = dispatch.RESIDUAL_EPILOGUE = on
             dispatch.rope_matmul = counting
             calls.clear()
             tokens, t = StaticDecoder(model, 1, 64).run(ids, 24)
             out[on] = (tokens.cpu(), list(calls), t.get("mode"), list(t.get("warnings", [])))
     finally:
-        dispatch.ROPE_EPILOGUE = True
+        dispatch.ROPE_EPILOGUE = dispatch.RESIDUAL_EPILOGUE = True
         dispatch.rope_matmul = real
         merge.unmerge(model)
     same = torch.equal(out[True][0], out[False][0])
     used = bool(out[True][1]) and all(out[True][1])
     row = {"case": "merged 4-bit tiny Llama through StaticDecoder", "merged_blocks": len(merged),
+           "decoder_layers_with_residual_in_products": decoders,
            "tokens_equal_on_off": same, "epilogue_calls_on": len(out[True][1]), "all_calls_fused": used,
-           "mode": out[True][2], "warnings": out[True][3] + out[False][3], "ok": same and used}
+           "mode": out[True][2], "warnings": out[True][3] + out[False][3], "ok": same and used and decoders == 2}
     gk.log(f"decoder: {row}")
     return row
 

@@ -43,6 +43,7 @@ from .quant.w8a8 import FUSED_CODES, FP8Linear, _is_norm, fp8_kernel_ok, probed_
 FUSED = "_slimlm_fused"
 MERGED, SPLIT = "_slimlm_merged", "_slimlm_split"  # core.merge: the stacked linear of a block, its output widths
 SILU = "_slimlm_silu"  # core.merge: a merged MLP whose act_fn is silu (its gate/up GEMV may apply it)
+RESIDUAL_IN_PRODUCT = True  # False: linear_residual always adds after the product (A/B runs)
 log = logging.getLogger(__name__)
 
 
@@ -111,9 +112,28 @@ def _fused_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
     return type(self).forward(self, x)
 
 
-def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+def linear_residual(lin: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """residual + lin(x) (lin(x) without a residual), the add made by the product's own kernel where one can in the
+    uncompiled CUDA decode loop (torch.compile fuses the add into the next norm itself): a 4-bit GEMV of one token
+    adds it where it writes (core.kernels.dispatch.residual_matmul). Anything else adds after the product (for a
+    bf16 nn.Linear, cuBLAS's addmm(residual, x, W^T) was no faster than mm + add on an H100: RESULTS.md)."""
+    if residual is None:
+        return lin(x)
+    if (RESIDUAL_IN_PRODUCT and isinstance(lin, QuantLinear) and x.is_cuda and not torch.compiler.is_compiling()
+            and residual.dtype == x.dtype and residual.shape[:-1] == x.shape[:-1]
+            and not (torch.is_grad_enabled() and x.requires_grad)):
+        from .kernels.dispatch import residual_matmul
+
+        y = residual_matmul(x, lin, residual)
+        if y is not None:
+            return y
+    return residual + lin(x)
+
+
+def mlp_forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """A gated MLP's down(silu(gate(x)) * up(x)), with gate and up as one stacked product where core.merge merged
-    them, and silu(g) * u (with an FP8 down_proj, its codes) as one kernel where fused and the input qualifies."""
+    them, and silu(g) * u (with an FP8 down_proj, its codes) as one kernel where fused and the input qualifies.
+    residual (core.merge's decoder-layer forward): returns residual + that, added by down's kernel where it can."""
     down = self.down_proj
     stacked = getattr(self, MERGED, None)
     if stacked is not None:
@@ -122,7 +142,7 @@ def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
 
             h = glu_matmul(x, stacked)  # batch 1: silu(gate) * up straight from the GEMV
             if h is not None:
-                return down(h)
+                return linear_residual(down, h, residual)
         g, u = stacked(x).split(getattr(self, SPLIT), dim=-1)
     else:
         g, u = self.gate_proj(x), self.up_proj(x)
@@ -132,9 +152,11 @@ def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
 
         g, u = g.reshape(-1, down.in_features), u.reshape(-1, down.in_features)
         if isinstance(down, FP8Linear) and down.fast:
-            return down.forward_quantized(*silu_mul_fp8(g, u), x.shape[:-1], x.dtype)
-        return down(silu_mul_fp8(g, u, quantize=False).view(*x.shape[:-1], down.in_features))
-    return down(self.act_fn(g) * u)
+            y = down.forward_quantized(*silu_mul_fp8(g, u), x.shape[:-1], x.dtype)
+            return y if residual is None else residual + y
+        return linear_residual(down, silu_mul_fp8(g, u, quantize=False).view(*x.shape[:-1], down.in_features),
+                               residual)
+    return linear_residual(down, self.act_fn(g) * u, residual)
 
 
 def set_mlp_forward(m: nn.Module) -> None:

@@ -12,8 +12,11 @@ TensorRT-LLM load them. merge_projections(model) does that in place:
     the checkpoint format unchanged (the stacked module is a plain attribute, not a submodule);
   - the attention block and the MLP get a forward that runs the stacked module and splits its output; everything
     else is the transformers forward it replaces (Llama-style attention: rotary embedding, cache update, the
-    configured attention function, o_proj). A quantized gate/up of a silu MLP at batch 1 on CUDA runs as one GEMV
-    that writes silu(gate) * up (core.kernels.dispatch.glu_matmul).
+    configured attention function, o_proj). At one token on CUDA a 4-bit q/k/v GEMV also rotates q and k and
+    writes the KV cache, and a 4-bit gate/up GEMV of a silu MLP writes silu(gate) * up
+    (core.kernels.dispatch.rope_matmul / glu_matmul);
+  - a decoder layer of DECODER_CLASSES (transformers' Llama forward) whose attention and MLP are merged hands its
+    two residual adds to them, so that o_proj's and down_proj's kernels make them (core.fusion.linear_residual).
 
 Attention is merged for transformers' Llama, Mistral, Qwen2 and Qwen3 attention classes (ATTENTION_CLASSES; others
 keep their forward), and a block only if its new forward gives its own forward's outputs (and cache writes) on a
@@ -34,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fusion import MERGED, SILU, SPLIT, set_mlp_forward
+from .fusion import MERGED, SILU, SPLIT, linear_residual, mlp_forward, set_mlp_forward
 from .quant.linear import QuantLinear
 from .quant.w8a8 import FP8Linear, W8A8Linear
 
@@ -42,6 +45,9 @@ log = logging.getLogger(__name__)
 
 ATTENTION = ("q_proj", "k_proj", "v_proj")
 ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention")
+DECODER_CLASSES = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")  # one forward
+DECODER = "_slimlm_decoder"  # a decoder layer given _decoder_forward
+RESIDUAL = "_slimlm_residual"  # the keyword _decoder_forward passes the residual to the attention forward under
 MLP = ("gate_proj", "up_proj")
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
@@ -135,6 +141,7 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     each head of q and k before the rotary embedding (Qwen3's q_norm / k_norm) or pass a sliding window (Qwen2,
     Mistral): the probe in _merge_block checks the result against the block's own forward."""
     fns = self._slimlm_fns
+    residual = kwargs.pop(RESIDUAL, None)  # _decoder_forward's: returned as residual + o_proj(...)
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     stacked = getattr(self, MERGED)
@@ -170,7 +177,40 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     kwargs.setdefault("sliding_window", getattr(self, "sliding_window", getattr(self.config, "sliding_window", None)))
     out, weights = attention(self, q, k, v, attention_mask, dropout=0.0 if not self.training else
                              self.attention_dropout, scaling=self.scaling, **kwargs)
-    return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+    return linear_residual(self.o_proj, out.reshape(*input_shape, -1).contiguous(), residual), weights
+
+
+def _decoder_forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+                     use_cache=False, position_embeddings=None, **kwargs):
+    """transformers' Llama decoder layer forward (DECODER_CLASSES share it) for a layer whose attention and MLP are
+    merged: the two residual adds go to their forwards, which let o_proj's and down_proj's kernels make them
+    (core.fusion.linear_residual): two kernels fewer per layer in the uncompiled CUDA decode loop."""
+    residual = hidden_states
+    hidden_states = self.input_layernorm(hidden_states)
+    hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask,
+                                      position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
+                                      position_embeddings=position_embeddings, **{RESIDUAL: residual}, **kwargs)
+    return mlp_forward(self.mlp, self.post_attention_layernorm(hidden_states), residual=hidden_states)
+
+
+def _merge_decoder(layer: nn.Module) -> bool:
+    """_decoder_forward for a transformers decoder layer of DECODER_CLASSES whose attention and MLP run core.merge's
+    forwards and nothing is hooked."""
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if (type(layer).__name__ not in DECODER_CLASSES or not type(layer).__module__.startswith("transformers.models.")
+            or DECODER in layer.__dict__ or attn is None or mlp is None
+            or getattr(attn.__dict__.get("forward"), "__func__", None) is not _attention_forward
+            or getattr(mlp.__dict__.get("forward"), "__func__", None) is not mlp_forward
+            or any(getattr(m, h, None) for m in (layer, attn, mlp, layer.post_attention_layernorm) for h in _HOOKS)):
+        return False
+    object.__setattr__(layer, DECODER, True)
+    layer.forward = types.MethodType(_decoder_forward, layer)
+    return True
+
+
+def merged_decoder_layers(model: nn.Module) -> int:
+    """How many decoder layers run _decoder_forward."""
+    return sum(DECODER in m.__dict__ for m in model.modules())
 
 
 class _RecordingCache:
@@ -213,8 +253,6 @@ def _attention_ok(attn: nn.Module, dtype: torch.dtype) -> bool:
 
 def _mlp_ok(mlp: nn.Module, dtype: torch.dtype) -> bool:
     """Three tokens and one (a quantized MLP's batch-1 step takes the gate/up GEMV with silu on CUDA)."""
-    from .fusion import mlp_forward
-
     device = _device(mlp)
     x = torch.randn(1, 3, mlp.gate_proj.in_features, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     try:
@@ -314,12 +352,16 @@ def merge_projections(model: nn.Module) -> list[str]:
         for names in (ATTENTION, MLP):
             if all(isinstance(getattr(block, n, None), nn.Module) for n in names) and _merge_block(block, names, dtype):
                 merged.append(name)
+    for layer in model.modules():
+        _merge_decoder(layer)
     return merged
 
 
 def unmerge(model: nn.Module) -> None:
     """Undo merge_projections: every module owns its tensors again and runs its own forward (or core.fusion's)."""
     for block in model.modules():
+        if block.__dict__.pop(DECODER, None):
+            block.__dict__.pop("forward", None)
         if MERGED not in block.__dict__:
             continue
         names = ATTENTION if block.__dict__.get("_slimlm_fns") is not None else MLP

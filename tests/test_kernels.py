@@ -301,6 +301,22 @@ def test_interp_epilogue_dispatch_runs_the_kernel_and_reports_a_failure_once(cap
 
 
 @interp
+@pytest.mark.parametrize("kdim,cfg", [(576, None), (1024, {"ROWS": 8, "BN": 4, "BKW": 32})])  # one chunk; K split 4
+def test_interp_words_residual_is_added_where_the_product_is_written(kdim, cfg):
+    """gemv(residual=r) equals r + gemv(...) bit for bit (the product rounded first, then the add, as PyTorch's
+    separate add), whether the GEMV writes its output or its split-K partials are summed by the second kernel."""
+    from core.kernels import w4_words
+
+    q = _layer(40, kdim, 4, 64, False)
+    x, r = _x(1, kdim, torch.float16), _x(1, 40, torch.float16, seed=7) * 4
+    for bias in (q.bias, None):
+        y = w4_words.gemv(x, *_args(q)[:5], 40, bias, config=cfg, residual=r)
+        assert torch.equal(y, r + w4_words.gemv(x, *_args(q)[:5], 40, bias, config=cfg))
+    with pytest.raises(ValueError, match="residual takes"):
+        w4_words.gemv(x, *_args(q)[:5], 40, config=cfg, residual=r[:, :8])
+
+
+@interp
 def test_interp_words_glu_refuses_a_split_k_or_an_odd_stack():
     from core.kernels import w4_words
 
@@ -982,10 +998,10 @@ def _words_gemv_sm90(pdl_mode: int, **overrides) -> str:
            "N": "i32", "K": "i32", "KW": "i32", "gsize": "i32", "stride_wn": "i32", "stride_sn": "i32",
            "stride_ys": "i32", "ROWS": "i32", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "pos_ptr": "*i64",
            "k_ptr": "*bf16", "v_ptr": "*bf16", "H": "i32", "HK": "i32", "sk_h": "i32", "sk_l": "i32", "sv_h": "i32",
-           "sv_l": "i32"}
+           "sv_l": "i32", "r_ptr": "*bf16"}
     const = {"HAS_Z": False, "HAS_BIAS": False, "SPLIT_K": 1, "BN": 8, "BKW": 512, "GSHIFT": 4, "EVEN": True,
              "BITS": 4, "USE_ASM": True, "GW": 16, "PAIRS": True, "PDL": pdl_mode, "EPI": 0, "HALF_D": 1,
-             **overrides}
+             "HAS_RES": False, **overrides}
     return _compile_sm90(w4_words._gemv_kernel, sig, const, ("x_ptr", "w_ptr", "s_ptr", "y_ptr", "stride_wn"),
                          8)["ptx"]
 
@@ -1008,6 +1024,37 @@ def test_pdl_gemv_waits_before_it_touches_memory(pdl_mode):
         assert trigger < first_mem
     else:
         assert trigger > ptx.rindex("ld.global")
+
+
+@pytest.mark.parametrize("name", ["fp8_quant._rmsnorm_fp8_kernel", "fp8_quant._silu_mul_fp8_kernel",
+                                  "rope_cache._rope_cache_kernel"])
+def test_pdl_row_kernels_wait_before_they_touch_memory(name):
+    """The norm, silu * up and rotary kernels launch with PDL too (the CUDA-graph decode loop of every setting):
+    griddepcontrol.wait before the first global load, one launch_dependents, after the loads (LATE)."""
+    pytest.importorskip("triton")
+    import importlib
+
+    mod, fn = name.split(".")
+    kernel = getattr(importlib.import_module(f"core.kernels.{mod}"), fn)
+    if mod == "fp8_quant":
+        names = (["x_ptr", "w_ptr", "y_ptr", "q_ptr", "s_ptr"] if "rms" in fn else
+                 ["g_ptr", "u_ptr", "h_ptr", "q_ptr", "s_ptr"])
+        sig = {**{n: "*bf16" for n in names[:3]}, names[3]: "*fp8e4nv", names[4]: "*fp32", "K": "i32",
+               **{n: "i32" for n in (["stride_x", "stride_y", "stride_q"] if "rms" in fn else
+                                     ["stride_g", "stride_u", "stride_h", "stride_q"])}}
+        if "rms" in fn:
+            sig["eps"] = "fp32"
+        const = {"BLOCK": 4096, "QUANT": False, "QMAX": 448.0, "PDL": 2}
+        ptx = _compile_sm90(kernel, sig, const, tuple(names[:3]), 8)["ptx"]
+    else:
+        sig = {n: "*bf16" for n in ("x_ptr", "cos_ptr", "sin_ptr")}
+        sig.update({"pos_ptr": "*i64", "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16"})
+        sig.update({n: "i32" for n in ("S", "H", "HK", "sx_b", "sx_s", "sc_b", "sc_s", "ss_b", "ss_s", "sq_b", "sq_s",
+                                       "sk_b", "sk_h", "sk_l", "sv_b", "sv_h", "sv_l")})
+        const = {"D": 128, "HB": 8, "USE_ASM": True, "PDL": 2}
+        ptx = _compile_sm90(kernel, sig, const, ("x_ptr", "q_ptr"), 4)["ptx"]
+    assert ptx.count("griddepcontrol.wait") == 1 and ptx.index("griddepcontrol.wait") < ptx.index("ld.global")
+    assert ptx.count("griddepcontrol.launch_dependents") == 1
 
 
 @pytest.mark.parametrize("epi", [1, 2])

@@ -122,6 +122,9 @@ def test_merged_llama_computes_the_same_and_keeps_its_state_dict(quantized):
     merged = merge_projections(model)
     assert merged == [f"model.layers.{i}.{b}" for i in range(2) for b in ("self_attn", "mlp")]
     assert merge_projections(model) == []  # idempotent
+    from core.merge import merged_decoder_layers
+
+    assert merged_decoder_layers(model) == 2  # the residual adds handed to o_proj / down_proj (adds after, on a CPU)
     attn = model.model.layers[0].self_attn
     assert type(getattr(attn, MERGED)) is type(attn.q_proj) and getattr(attn, MERGED).out_features == 64 + 2 * 32
     assert model.state_dict().keys() == sd.keys() and all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
@@ -135,6 +138,22 @@ def test_merged_llama_computes_the_same_and_keeps_its_state_dict(quantized):
     assert len({_storage(t) for t in tensors}) == len(tensors)  # each its own storage again
     assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
     torch.testing.assert_close(_logits(model), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_classes_share_the_llama_forward_that_merge_copies():
+    """merge._decoder_forward is transformers' LlamaDecoderLayer.forward with the residual adds handed on: every
+    class in DECODER_CLASSES must still have that same forward in the installed transformers."""
+    import importlib
+    import inspect
+
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from core.merge import DECODER_CLASSES
+
+    for name in DECODER_CLASSES:
+        arch = name.removesuffix("DecoderLayer").lower()
+        cls = getattr(importlib.import_module(f"transformers.models.{arch}.modeling_{arch}"), name)
+        assert inspect.getsource(cls.forward) == inspect.getsource(LlamaDecoderLayer.forward), name
 
 
 def test_static_decoder_on_a_merged_model_gives_generate_tokens():

@@ -39,6 +39,7 @@ _FLOAT16 = (torch.float16, torch.bfloat16)
 _failed: set[tuple] = set()
 GLU_EPILOGUE = True  # False: glu_matmul declines (gate/up and silu as separate kernels, for A/B runs)
 ROPE_EPILOGUE = True  # False: rope_matmul declines (q/k/v product, then the rotary + cache kernel)
+RESIDUAL_EPILOGUE = True  # False: residual_matmul declines (the product, then a separate residual add)
 
 
 @functools.cache
@@ -106,8 +107,8 @@ def kernel_for(x: torch.Tensor, q) -> str:
 
 
 def _gemv_epilogue(x: torch.Tensor, q, key: tuple, **epilogue) -> torch.Tensor | None:
-    """w4_words.gemv of one token x with an epilogue (glu=True or rope=...), or None if that kernel raises: as in
-    quant_matmul, the failure is reported once and the caller runs the separate kernels from then on."""
+    """w4_words.gemv of one token x with an epilogue (glu=True, rope=... or residual=...), or None if that kernel
+    raises: as in quant_matmul, the failure is reported once and the caller runs the separate kernels from then on."""
     from . import w4_words
 
     bias = None if q.bias is None else q.bias.detach()
@@ -154,6 +155,21 @@ def rope_matmul(x: torch.Tensor, q, cos: torch.Tensor, sin: torch.Tensor, pos: t
         return None
     y = _gemv_epilogue(x, q, key, rope=(cos, sin, pos, k_cache, v_cache, heads, kv_heads))
     return None if y is None else y.view(1, 1, heads, -1).transpose(1, 2)
+
+
+def residual_matmul(x: torch.Tensor, q, residual: torch.Tensor) -> torch.Tensor | None:
+    """residual + q(x) for one token from the batch-1 GEMV, which adds the residual where it writes its output (or
+    sums its K splits): a decoder layer's residual add without its own kernel, rounded as that add would round it.
+    None where it does not apply; the caller then adds."""
+    if (not RESIDUAL_EPILOGUE or not getattr(q, "fast", True) or kernel_for(x, q) != "gemv_words"
+            or residual.shape[-1] != q.out_features or residual.numel() != q.out_features
+            or residual.dtype != x.dtype):
+        return None
+    key = ("gemv_residual", x.device.index, q.bits, x.dtype)
+    if key in _failed:
+        return None
+    y = _gemv_epilogue(x, q, key, residual=residual.reshape(1, q.out_features).contiguous())
+    return None if y is None else y.view(residual.shape)
 
 
 def quant_matmul(x: torch.Tensor, q, path: str | None = None) -> torch.Tensor:

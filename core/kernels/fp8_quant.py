@@ -15,6 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import pdl_launch_dependents, pdl_wait
+
 FP8_MAX = 448.0
 ROW_IN_REGISTERS = 16384  # widest row read once; wider rows take two passes of CHUNK columns
 CHUNK = 2048  # the H100 sweep (1024-4096 columns, 4/8 warps) was flat within 10 % at 8 warps; 128 was 4-14x slower
@@ -72,15 +75,19 @@ def _per_token_fp8_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.
 
 @triton.jit
 def _rmsnorm_fp8_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, K, stride_x, stride_y, stride_q, eps,
-                        BLOCK: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr):
+                        BLOCK: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, PDL: tl.constexpr = 0):
     """y = w * (x * rsqrt(mean(x^2) + eps)) as transformers' Llama-style RMSNorm computes it (float32, the
-    normalized row rounded to x's dtype before the weight), and with QUANT its per-token FP8 codes."""
+    normalized row rounded to x's dtype before the weight), and with QUANT its per-token FP8 codes. PDL: see
+    core.kernels.pdl (LATE: the next kernel may launch once the row is loaded)."""
+    pdl_wait(PDL)
+    pdl_launch_dependents(PDL, 1)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     v = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+    pdl_launch_dependents(PDL, 2)
     var = tl.sum(v * v, axis=0) / K
     h = (v * tl.math.rsqrt(var + eps)).to(y_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
     y = (w * h).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + row * stride_y + offs, y, mask=offs < K)
     if QUANT:
@@ -89,16 +96,19 @@ def _rmsnorm_fp8_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, K, stride_x, stride_y
 
 @triton.jit
 def _silu_mul_fp8_kernel(g_ptr, u_ptr, h_ptr, q_ptr, s_ptr, K, stride_g, stride_u, stride_h, stride_q,
-                         BLOCK: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr):
+                         BLOCK: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, PDL: tl.constexpr = 0):
     """h = silu(g) * u as a gated MLP computes it in g's dtype (silu rounded, then the product rounded); with
     QUANT only h's per-token FP8 codes are written, else h. silu's exp and division run at the GPU's fast
     precision (a few float32 ulps): after the rounding to bf16, h equalled PyTorch's silu(g) * u on all 29 M
     values of an H100 check, and libdevice's expf with an IEEE division made the kernel 1.2x (plain) to 1.8x
     (with codes) slower at 14336 columns (benchmarks/RESULTS.md)."""
+    pdl_wait(PDL)
+    pdl_launch_dependents(PDL, 1)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     g = tl.load(g_ptr + row * stride_g + offs, mask=offs < K, other=0.0)
     u = tl.load(u_ptr + row * stride_u + offs, mask=offs < K, other=0.0).to(tl.float32)
+    pdl_launch_dependents(PDL, 2)
     gf = g.to(tl.float32)
     a = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
     h = (a * u).to(g.dtype)
@@ -155,8 +165,10 @@ def rmsnorm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, quantize: boo
     q, s = _codes(m, k, x.device) if quantize else (y, y)
     if m:
         block = triton.next_power_of_2(k)
+        mode = pdl.mode(x.device, m)
         _rmsnorm_fp8_kernel[(m,)](x, weight, y, q, s, k, x.stride(0), y.stride(0), q.stride(0), eps, BLOCK=block,
-                                  QUANT=quantize, QMAX=FP8_MAX, num_warps=_row_warps(block))
+                                  QUANT=quantize, QMAX=FP8_MAX, PDL=mode, num_warps=_row_warps(block),
+                                  **pdl.launch(mode))
     return (y, q, s) if quantize else (y, None, None)
 
 
@@ -176,6 +188,8 @@ def silu_mul_fp8(g: torch.Tensor, u: torch.Tensor, quantize: bool = True):
         q = s = h
     if m:
         block = triton.next_power_of_2(k)
+        mode = pdl.mode(g.device, m)
         _silu_mul_fp8_kernel[(m,)](g, u, h, q, s, k, g.stride(0), u.stride(0), h.stride(0), q.stride(0), BLOCK=block,
-                                   QUANT=quantize, QMAX=FP8_MAX, num_warps=_row_warps(block))
+                                   QUANT=quantize, QMAX=FP8_MAX, PDL=mode, num_warps=_row_warps(block),
+                                   **pdl.launch(mode))
     return (q, s) if quantize else h

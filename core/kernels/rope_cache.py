@@ -16,6 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import pdl_launch_dependents, pdl_wait
+
 HEADS_PER_PROGRAM = 8
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -34,7 +37,9 @@ def _mul(a, b, USE_ASM: tl.constexpr):
 @triton.jit
 def _rope_cache_kernel(x_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, S, H, HK,
                        sx_b, sx_s, sc_b, sc_s, ss_b, ss_s, sq_b, sq_s, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
-                       D: tl.constexpr, HB: tl.constexpr, USE_ASM: tl.constexpr):
+                       D: tl.constexpr, HB: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr = 0):
+    pdl_wait(PDL)  # PDL: see core.kernels.pdl
+    pdl_launch_dependents(PDL, 1)
     t = tl.program_id(0)
     b = t // S
     s = t % S
@@ -48,6 +53,7 @@ def _rope_cache_kernel(x_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, S,
     xp = tl.where((dd < D // 2)[None, :], -xp, xp)  # rotate_half(x)
     c = tl.load(cos_ptr + b * sc_b + s * sc_s + dd)[None, :]
     sn = tl.load(sin_ptr + b * ss_b + s * ss_s + dd)[None, :]
+    pdl_launch_dependents(PDL, 2)
     dt = x.dtype
     y = (_mul(x.to(tl.float32), c.to(tl.float32), USE_ASM).to(dt).to(tl.float32)
          + _mul(xp.to(tl.float32), sn.to(tl.float32), USE_ASM).to(dt).to(tl.float32)).to(dt)
@@ -89,9 +95,11 @@ def rope_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: 
     hb = HEADS_PER_PROGRAM
     cb = [0 if t.shape[0] == 1 else t.stride(0) for t in (cos, sin)]
     grid = (b * s, triton.cdiv(heads + 2 * kv_heads, hb))
+    mode = pdl.mode(qkv.device, grid[0] * grid[1])
     _rope_cache_kernel[grid](qkv, cos, sin, pos, q, k_cache, v_cache, s, heads, kv_heads,
                              qkv.stride(0), qkv.stride(1), cb[0], cos.stride(1), cb[1], sin.stride(1),
                              q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                              v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-                             D=head_dim, HB=hb, USE_ASM=not INTERPRET, num_warps=4 if head_dim * hb >= 1024 else 1)
+                             D=head_dim, HB=hb, USE_ASM=not INTERPRET, PDL=mode,
+                             num_warps=4 if head_dim * hb >= 1024 else 1, **pdl.launch(mode))
     return q.transpose(1, 2)

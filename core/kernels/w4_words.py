@@ -167,11 +167,11 @@ def _rope_store(a, b, v, live, q_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, H
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
                  N, K, KW, gsize, stride_wn, stride_sn, stride_ys, ROWS,
-                 cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, H, HK, sk_h, sk_l, sv_h, sv_l,
+                 cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, H, HK, sk_h, sk_l, sv_h, sv_l, r_ptr,
                  HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
                  BN: tl.constexpr, BKW: tl.constexpr, GSHIFT: tl.constexpr, EVEN: tl.constexpr,
                  BITS: tl.constexpr, USE_ASM: tl.constexpr, GW: tl.constexpr, PAIRS: tl.constexpr,
-                 PDL: tl.constexpr, EPI: tl.constexpr = 0, HALF_D: tl.constexpr = 1):
+                 PDL: tl.constexpr, EPI: tl.constexpr = 0, HALF_D: tl.constexpr = 1, HAS_RES: tl.constexpr = False):
     """Program (axis 0: a block of ROWS rows, axis 1: a chunk of BKW words of K); see the module docstring.
     EVEN: N is a multiple of ROWS and every K chunk is full, so no load needs a mask. GW: words per group when a
     group is a power of two no longer than the chunk (partials summed per group, one scale load per group), -1
@@ -181,7 +181,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
       ROPE  the rows are q/k/v of a merged attention projection for one token, H + 2 HK heads of 2 HALF_D rows,
             paired (d, d + HALF_D) within a head: writes q rotated to y, k rotated and v into the caches (k_ptr,
             v_ptr [HK, L, 2 HALF_D] strides sk_h / sk_l...) at position pos_ptr[0], with cos / sin [2 HALF_D], each
-            product and sum rounded as core.kernels.rope_cache rounds them."""
+            product and sum rounded as core.kernels.rope_cache rounds them.
+    HAS_RES (no epilogue): writes residual (r_ptr, like y) + the product, as a residual add after it would."""
     pdl_wait(PDL)
     pdl_launch_dependents(PDL, 1)
     PER: tl.constexpr = 32 // BITS  # codes per word
@@ -289,7 +290,10 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
             if HAS_BIAS:
                 y += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
             if EPI == 0:
-                tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
+                yo = y.to(y_ptr.dtype.element_ty)
+                if HAS_RES:
+                    yo = _add_residual(yo, r_ptr, rn, nmask)
+                tl.store(y_ptr + rn, yo, mask=nmask)
             else:  # both rows of each pair, rounded to the output dtype first as the separate product would be
                 dt = y_ptr.dtype.element_ty
                 y2 = tl.reshape(y.to(dt).to(tl.float32), [2, STEP])
@@ -309,10 +313,11 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
 
 
 @triton.jit
-def _sum_splits_kernel(p_ptr, b_ptr, y_ptr, N, NB, stride_ps, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _sum_splits_kernel(p_ptr, b_ptr, y_ptr, r_ptr, N, NB, stride_ps, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       BLOCK: tl.constexpr, PDL: tl.constexpr, HAS_RES: tl.constexpr):
     """y[i] = sum_s partial[s, i] (+ bias[i % NB]) over the flat [M N] outputs, in y's dtype: one launch instead of
-    sum + add + cast. With PDL it only waits (launched early, it hides its launch behind the GEMV's tail)."""
+    sum + add + cast; HAS_RES: then + residual[i], rounded again (_add_residual). With PDL it only waits (launched
+    early, it hides its launch behind the GEMV's tail)."""
     pdl_wait(PDL)
     rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = rn < N
@@ -321,7 +326,16 @@ def _sum_splits_kernel(p_ptr, b_ptr, y_ptr, N, NB, stride_ps, SPLIT_K: tl.conste
         acc += tl.load(p_ptr + sp * stride_ps + rn, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn % NB, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    out = acc.to(y_ptr.dtype.element_ty)
+    if HAS_RES:
+        out = _add_residual(out, r_ptr, rn, mask)
+    tl.store(y_ptr + rn, out, mask=mask)
+
+
+@triton.jit
+def _add_residual(y, r_ptr, rn, mask):
+    """residual + y for y already in the output dtype, rounded as PyTorch's separate add rounds it."""
+    return (tl.load(r_ptr + rn, mask=mask, other=0.0).to(tl.float32) + y.to(tl.float32)).to(y.dtype)
 
 
 def split_output(x: torch.Tensor, m: int, n: int, split: int) -> tuple[torch.Tensor, int]:
@@ -341,21 +355,21 @@ def sum_block(split: int) -> int:
 
 
 def sum_splits(y: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = None, block: int | None = None,
-               num_warps: int = 4) -> torch.Tensor:
-    """[M, N] in dtype: the sum of split_output's float32 partials [split, M, N] (+ bias [N]). Under torch.compile
-    in PyTorch ops: Inductor unrolls a sum over <= 8 splits into the kernel that reads the result (the residual add
-    and the next norm), which saves a launch per split layer."""
+               num_warps: int = 4, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """[M, N] in dtype: the sum of split_output's float32 partials [split, M, N] (+ bias [N]) (then residual + it,
+    residual [M, N] in dtype). Under torch.compile in PyTorch ops: Inductor unrolls a sum over <= 8 splits into the
+    kernel that reads the result (the residual add and the next norm), which saves a launch per split layer."""
     if torch.compiler.is_compiling() and INDUCTOR_SPLIT_SUM:
-        out = y.sum(0) if bias is None else y.sum(0) + bias.float()
-        return out.to(dtype)
+        out = (y.sum(0) if bias is None else y.sum(0) + bias.float()).to(dtype)
+        return out if residual is None else residual + out
     split, m, n = y.shape
     out = torch.empty(m, n, device=y.device, dtype=dtype)
     block = block or sum_block(split)  # block / num_warps: overrides for benchmarks/gpu_sum_splits.py
     grid = triton.cdiv(m * n, block)
     pdl_mode = pdl.mode(y.device, grid, early=False)  # it only waits
-    _sum_splits_kernel[(grid,)](y, y if bias is None else bias, out, m * n, n, y.stride(0), SPLIT_K=split,
-                                HAS_BIAS=bias is not None, BLOCK=block, PDL=pdl_mode, num_warps=num_warps,
-                                **pdl.launch(pdl_mode))
+    _sum_splits_kernel[(grid,)](y, y if bias is None else bias, out, out if residual is None else residual, m * n,
+                                n, y.stride(0), SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block, PDL=pdl_mode,
+                                HAS_RES=residual is not None, num_warps=num_warps, **pdl.launch(pdl_mode))
     return out
 
 
@@ -432,13 +446,15 @@ def rope_supported(x: torch.Tensor, n_out: int, bits: int, cos: torch.Tensor, si
 
 def gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
          group_size: int, n_out: int, bias: torch.Tensor | None = None, config: dict | None = None,
-         glu: bool = False, rope: tuple | None = None) -> torch.Tensor:
+         glu: bool = False, rope: tuple | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """x [1, K] (contiguous) -> y [1, N] in x.dtype; K is split into chunks of BKW words (one per program column).
     With an epilogue (K in one chunk; a config's ROWS then counts outputs, pairs of rows):
       glu   the n_out rows are [gate; up] of a gated MLP: returns silu(gate) * up [1, n_out / 2] (glu_supported);
       rope  (cos, sin, pos, k_cache, v_cache, heads, kv_heads): the rows are a merged q/k/v projection of one
             token; returns q rotated [1, heads D], and writes k rotated and v into the caches at pos
-            (rope_supported), as core.kernels.rope_cache.rope_to_cache does with the plain product."""
+            (rope_supported), as core.kernels.rope_cache.rope_to_cache does with the plain product.
+    residual [1, N] in x.dtype (no epilogue): returns residual + y, added where y is written (or summed over splits),
+    rounded as a separate add would round it."""
     m, k = x.shape
     if m != 1:
         raise ValueError("gemv_words takes one row of x")
@@ -462,6 +478,10 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: tor
     split = triton.cdiv(kw, cfg["BKW"])
     if epi and split > 1:
         raise ValueError(f"an epilogue needs K in one chunk; {kw} words of K do not fit {cfg['BKW']}")
+    if residual is not None and (epi or residual.shape != (1, n_out) or residual.dtype != x.dtype
+                                 or not residual.is_contiguous()):
+        raise ValueError(f"residual takes a contiguous [1, {n_out}] tensor of x's dtype and no epilogue; got "
+                         f"{tuple(residual.shape)} {residual.dtype}")
     rope_args, half_d = (x, x, x, x, x, 0, 0, 0, 0, 0, 0), 1
     if rope is not None:
         cos, sin, pos, kc, vc, heads, kv_heads = rope
@@ -475,7 +495,8 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: tor
     else:
         y, stride_ys = split_output(x, 1, n_rows, split)
     args = (x, w, scales, scales if zeros is None else zeros, scales if bias is None else bias, y,
-            n_rows, k, kw, group_size, w.stride(0), scales.stride(0), stride_ys, cfg["ROWS"], *rope_args)
+            n_rows, k, kw, group_size, w.stride(0), scales.stride(0), stride_ys, cfg["ROWS"], *rope_args,
+            x if residual is None else residual)
     common = {"HAS_Z": zeros is not None, "HAS_BIAS": bias is not None and split == 1, "SPLIT_K": split,
               "BN": cfg["BN"], "GSHIFT": group_shift(group_size, k, bits), "BITS": bits,
               "EVEN": n_rows % cfg["ROWS"] == 0 and kw % cfg["BKW"] == 0 and k == (32 // bits) * kw,
@@ -488,5 +509,5 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: tor
         gw = 1 << common["GSHIFT"]
     pdl_mode = pdl.mode(x.device, grid[0] * grid[1])
     _gemv_kernel[grid](*args, BKW=cfg["BKW"], USE_ASM=use_asm, GW=gw, PAIRS=pairs, PDL=pdl_mode, EPI=epi,
-                       HALF_D=half_d, **common, **pdl.launch(pdl_mode))
-    return y if split == 1 else sum_splits(y, x.dtype, bias)
+                       HALF_D=half_d, HAS_RES=residual is not None and split == 1, **common, **pdl.launch(pdl_mode))
+    return y if split == 1 else sum_splits(y, x.dtype, bias, residual=residual)
