@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import inspect
 import logging
 import os
@@ -376,6 +377,12 @@ class StaticDecoder:
         if self.use_graph:
             self.prefill(ids)  # state the capture starts from (capture itself runs no kernel)
             g = torch.cuda.CUDAGraph()
+            # An earlier decoder's graph freed by Python's cycle collector during the capture would be destroyed
+            # there, which CUDA does not permit: it invalidated a capture once (benchmarks/RESULTS.md, session 12).
+            # So collect first, and not during the capture.
+            gc.collect()
+            collecting = gc.isenabled()
+            gc.disable()
             try:
                 with torch.cuda.graph(g):
                     self._step_fn()
@@ -387,6 +394,9 @@ class StaticDecoder:
                     torch.cuda.synchronize(self.device)
                 except Exception as e2:  # noqa: BLE001
                     self._warn(f"after the failed capture: {type(e2).__name__}: {str(e2)[:200]}")
+            finally:
+                if collecting:
+                    gc.enable()
         self.mode = ("compiled+" if self.compile else "") + ("cuda_graph" if self.graph is not None else "eager")
         self.setup_s = time.perf_counter() - t
 
