@@ -201,6 +201,9 @@ def gpu_kernels_line(kernels: dict) -> str:
         parts.append(f"{kernels['merged_blocks']} blocks with q/k/v or gate/up merged")
     if kernels.get("fused_modules") is not None:
         parts.append(f"{kernels['fused_modules']} norm / SiLU modules fused")
+    if kernels.get("decoder_layers_residual_in_product"):
+        parts.append(f"{kernels['decoder_layers_residual_in_product']} decoder layers with the residual adds handed to "
+                     "o_proj / down_proj")
     for key, what in (("decode_attention", "decode attention"), ("rotary_and_cache_write", "rotary + cache write")):
         if kernels.get(key):
             parts.append(f"{what}: {kernels[key]}")

@@ -250,13 +250,15 @@ def test_run_detail_latency_says_what_ran_on_the_gpu(store):
                         warnings=[("q/k/v and gate/up were not merged (OutOfMemoryError: CUDA out of memory): "
                                    "timed as separate linears")],
                         gpu_kernels={"fused_modules": 90, "merged_blocks": 0, "decode_attention": "slimlm kernel",
-                                     "rotary_and_cache_write": "transformers"})
+                                     "rotary_and_cache_write": "transformers",
+                                     "decoder_layers_residual_in_product": 30})
     at = app("pages/run_detail.py", run=add_run(store, [{"method": "rtn", "bits": 4, "group_size": 64}], metrics=m))
     assert "NVIDIA H100 80GB HBM3" in texts(at, "markdown") and "static_cache+cuda_graph" in texts(at, "markdown")
     assert "were not merged" in texts(at, "warning")
     caption = texts(at, "caption")
     assert "0 blocks with q/k/v or gate/up merged" in caption and "90 norm / SiLU modules fused" in caption
     assert "decode attention: slimlm kernel" in caption and "rotary + cache write: transformers" in caption
+    assert "30 decoder layers with the residual adds handed to o_proj / down_proj" in caption
 
 
 def test_run_detail_failed_shows_error(filled):

@@ -172,7 +172,7 @@ def install_gpu_forwards(model) -> tuple[dict, list[str], list[str]]:
     which linears read each norm). A merge that fails (e.g. out of memory for one block's stacked copy) is undone
     and the model is timed unmerged, with a warning. Returns (gpu_kernels record, merged blocks, warnings)."""
     from ..fusion import fuse_producers
-    from ..merge import merge_projections, unmerge
+    from ..merge import merge_projections, merged_decoder_layers, unmerge
 
     gpu_kernels = {"fused_modules": len(fuse_producers(model))}
     try:
@@ -184,6 +184,7 @@ def install_gpu_forwards(model) -> tuple[dict, list[str], list[str]]:
         reason = f"{type(e).__name__}: {str(e)[:200]}"
         warnings = [f"q/k/v and gate/up were not merged ({reason}): timed as separate linears"]
     gpu_kernels["merged_blocks"] = len(merged)
+    gpu_kernels["decoder_layers_residual_in_product"] = merged_decoder_layers(model)
     return gpu_kernels, merged, warnings
 
 
