@@ -55,7 +55,7 @@ def main():
            "torch": torch.__version__, "command": command,
            "layers": a.layers, "max_len": a.max_len, "merged_projections": a.merge, "glu_epilogue": a.glu,
            "rope_epilogue": a.rope_epilogue, "residual_in_product": a.residual_in_product,
-           "inductor_multi_kernel": inductor_multi_kernel(), "configs": {}}
+           "configs": {}}
     for name in a.configs.split(","):
         with torch.inference_mode(), grouped_decode_attention():  # as StaticDecoder.run steps
             out["configs"][name] = profile(a, gd, StaticDecoder, args, name, dev)
@@ -63,13 +63,6 @@ def main():
         torch.cuda.empty_cache()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))
-
-
-def inductor_multi_kernel() -> int:
-    """Inductor's multi_kernel setting (TORCHINDUCTOR_MULTI_KERNEL; 2 forces persistent reductions, e.g. the norms)."""
-    import torch._inductor.config as ic
-
-    return int(ic.triton.multi_kernel)
 
 
 def profile(a, gd, decoder_cls, args, name, dev) -> dict:
