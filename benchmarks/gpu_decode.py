@@ -321,6 +321,48 @@ def setting_for(name, tiny):
     return cm.w8a8("fp8")
 
 
+EPILOGUE_VARIANTS = {  # name: (GLU_EPILOGUE, ROPE_EPILOGUE, RESIDUAL_IN_PRODUCT)
+    "all on": (True, True, True), "no glu": (False, True, True), "no rope epilogue": (True, False, True),
+    "no residual in product": (True, True, False), "all off": (False, False, False)}
+
+
+def epilogue_ab(args, result, save, name, layers, dev):
+    """--epilogue-ab: one model built once, its batch-1 CUDA-graph loop timed with each of the batch-1 GEMV's
+    epilogues switched off in turn (EPILOGUE_VARIANTS), in --ab-rounds interleaved rounds so that drift spreads over
+    all variants. Tokens are compared with the first "all on" run."""
+    from core import fusion
+    from core.kernels import dispatch
+
+    model, info = build(args, name, layers, dev)
+    ids = torch.randint(3, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(args.seed))
+    ids = ids.to(dev)
+    rows, first = [], None
+    try:
+        for rnd in range(args.ab_rounds):
+            for variant, (glu, rope, res) in EPILOGUE_VARIANTS.items():
+                dispatch.GLU_EPILOGUE, dispatch.ROPE_EPILOGUE, fusion.RESIDUAL_IN_PRODUCT = glu, rope, res
+                dec = StaticDecoder(model, 1, args.prompt + args.new_tokens, use_graph=True)
+                toks, steps, _, _, _ = timed_runs(dec, ids, args.new_tokens, args.warmup, args.repeats)
+                first = toks if first is None else first
+                row = {"config": name, "layers": layers, "round": rnd, "variant": variant, "mode": dec.mode,
+                       "warnings": dec.warnings, "step_ms": summarize(steps),
+                       "decode_tokens_per_s": 1000 / statistics.median(steps),
+                       "tokens_equal_first_all_on": bool(torch.equal(toks, first))}
+                del dec
+                gc.collect()
+                rows.append(row)
+                log(f"ab {name} round {rnd} {variant}: {row['mode']} {row['decode_tokens_per_s']:.1f} tok/s "
+                    f"(step {row['step_ms']['median']:.3f} ms), tokens == first: {row['tokens_equal_first_all_on']}")
+                result["epilogue_ab"] = rows
+                save()
+    finally:
+        dispatch.GLU_EPILOGUE, dispatch.ROPE_EPILOGUE, fusion.RESIDUAL_IN_PRODUCT = True, True, True
+    by = {v: [r["step_ms"]["median"] for r in rows if r["variant"] == v] for v in EPILOGUE_VARIANTS}
+    result["epilogue_ab_summary"] = {v: {"step_ms_medians": t, "best_tokens_per_s": 1000 / min(t),
+                                         "best_vs_all_on": min(by["all on"]) / min(t)} for v, t in by.items() if t}
+    save()
+
+
 def run_config(args, result, save, name, layers, dev, ceil, hws, stage, batches, check_generate, compile=False):
     model = None
     bucket = result[{"smoke": "smoke", "main": "runs", "compiled": "compiled"}[stage]]
@@ -455,6 +497,10 @@ def main():
     ap.add_argument("--no-residual-in-product", dest="residual_in_product", action="store_false",
                     help="decoder layers add the residual after o_proj / down_proj instead of in their kernels "
                          "(default: in them, core.fusion.linear_residual)")
+    ap.add_argument("--epilogue-ab", action="store_true",
+                    help="only an A/B of the GEMV epilogues: each config built once, batch 1, CUDA-graph loop, each "
+                         "epilogue off in turn (EPILOGUE_VARIANTS); --ab-rounds interleaved rounds")
+    ap.add_argument("--ab-rounds", type=int, default=2)
     ap.add_argument("--torchao-format", default="tile_packed_to_4d",
                     help="torchao-int4's int4_packing_format (tile_packed_to_4d: tinygemm; plain and preshuffled "
                          "need MSLK)")
@@ -527,6 +573,11 @@ def main():
         out.write_text(json.dumps(result, indent=1, default=str))
 
     save()
+    if args.epilogue_ab:
+        for name in configs:
+            epilogue_ab(args, result, save, name, layers, dev)
+        print(json.dumps(result["epilogue_ab_summary"], indent=1))
+        return
     if args.smoke_layers and args.smoke_layers < layers:
         for name in configs:
             run_config(args, result, save, name, args.smoke_layers, dev, ceil, hws, "smoke", args.batches, True)

@@ -5,10 +5,12 @@
 For each shape and M: bf16 F.linear (cuBLAS) against slimlm's FP8Linear forward (bf16 in and out: the per-token
 activation quantization kernel, core.kernels.fp8_quant, then torch._scaled_mm with row-wise scales writing bf16),
 with fast accumulation (the default, w8a8.FP8_FAST_ACCUM) and without; the quantization kernel and the GEMM alone;
-the PyTorch quantization for contrast. Then one decoder layer without attention (layer_row: norms, the seven
-linears, SiLU * up) bf16 vs FP8 vs FP8 with the quantization fused into the norms and SiLU (core.fusion),
-and the whole model's prefill (model_rows: Llama-3-8B, random weights, eager forward) bf16 vs FP8 fused / unfused,
-both with slimlm's norm and SiLU kernels (and bf16 with transformers' own for contrast).
+the PyTorch quantization for contrast. Each linear as a decoder layer runs it (as_run_row): with the kernel that
+writes its input on both sides, the RMSNorm or SiLU*up, which on the FP8 side writes the codes too (core.fusion).
+Then one decoder layer without attention (layer_row: norms, the seven linears, SiLU * up) bf16 vs FP8 vs FP8 with
+the quantization fused into the norms and SiLU, and the whole model's prefill (model_rows: Llama-3-8B, random
+weights, eager forward) bf16 vs FP8 fused / unfused, both with slimlm's norm and SiLU kernels (and bf16 with
+transformers' own for contrast).
 
 Timing: GPU time of a CUDA graph holding --reps calls (inputs rotated over 3 buffers), median of 15 replays,
 so Python and launch overheads are out (prefill's kernels are long enough for the host to run ahead: the
@@ -118,6 +120,55 @@ def shape_row(name, n, k, m, dev, reps):
             "speedup": us["bf16"] / us["fp8 layer"], "speedup_eager": us["bf16 eager"] / us["fp8 layer eager"],
             "speedup_no_fast_accumulation": us["bf16"] / us["fp8 layer, no fast accumulation"],
             "bf16_tflops": flops / us["bf16"] / 1e6, "fp8_layer_tflops": flops / us["fp8 layer"] / 1e6}
+
+
+AS_RUN = {  # the linears of a decoder layer with the kernel that writes their input, as core.fusion runs them
+    "q 4096x4096 after RMSNorm": (4096, 4096, "norm"), "k/v 1024x4096 after RMSNorm": (1024, 4096, "norm"),
+    "gate/up 14336x4096 after RMSNorm": (14336, 4096, "norm"), "down 4096x14336 after SiLU*up": (4096, 14336, "silu"),
+    "o 4096x4096 after attention": (4096, 4096, None)}
+
+
+def as_run_row(name, n, k, producer, m, dev, reps):
+    """One linear together with the kernel that writes its input in a decoder layer, on both sides: bf16 = slimlm's
+    RMSNorm or SiLU*up kernel writing bf16, then F.linear; FP8 = the same kernel writing the per-token codes as well
+    (RMSNorm: bf16 output and codes; SiLU*up: codes only), then _scaled_mm on those codes. o_proj's input is the
+    attention's output, which nothing quantizes for it: it quantizes its own (the shape_row layer). A norm feeds
+    several linears (q, k, v; gate, up) but is charged whole to each, so the ratio is conservative."""
+    from core.kernels.fp8_quant import rmsnorm_fp8, silu_mul_fp8
+
+    lin = torch.nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
+    layer = w8a8.FP8Linear.from_linear(lin).to(dev)
+    norm_w = torch.rand(k, device=dev, dtype=torch.bfloat16) + 0.5
+    if producer == "silu":  # silu(gate) * up: inputs are [gate | up] of width 2k
+        xs = [torch.randn(m, 2 * k, device=dev, dtype=torch.bfloat16) for _ in range(3)]
+
+        def bf16(x):
+            return F.linear(silu_mul_fp8(x[:, :k], x[:, k:], quantize=False), lin.weight)
+
+        def fp8(x):
+            return layer.forward_quantized(*silu_mul_fp8(x[:, :k], x[:, k:]), (m,), torch.bfloat16)
+    elif producer == "norm":
+        xs = [torch.randn(m, k, device=dev, dtype=torch.bfloat16) for _ in range(3)]
+
+        def bf16(x):
+            return F.linear(rmsnorm_fp8(x, norm_w, 1e-5, quantize=False)[0], lin.weight)
+
+        def fp8(x):
+            y, q, s = rmsnorm_fp8(x, norm_w, 1e-5)
+            setattr(y, w8a8.FUSED_CODES, (q, s))
+            return layer(y)
+    else:
+        xs = [torch.randn(m, k, device=dev, dtype=torch.bfloat16) for _ in range(3)]
+
+        def bf16(x):
+            return F.linear(x, lin.weight)
+        fp8 = layer
+    with torch.no_grad():
+        ref = bf16(xs[0]).float()
+        err = float((fp8(xs[0]).float() - ref).norm() / ref.norm())
+        us = {"bf16": graph_us(bf16, xs, reps), "fp8": graph_us(fp8, xs, reps)}
+    return {"shape": name, "as_run": True, "producer": producer, "M": m, "N": n, "K": k, "us": us,
+            "rel_error_vs_bf16": err, "speedup": us["bf16"] / us["fp8"]}
 
 
 def layer_row(m, dev, reps):
@@ -264,6 +315,14 @@ def main() -> int:
                   f"{row['speedup']:.2f}x (eager {row['speedup_eager']:.2f}x)  "
                   f"err {row['rel_error_vs_reference']:.1e}  codes exact {row['kernel_codes_exact_given_scale']}",
                   flush=True)
+            save()
+            torch.cuda.empty_cache()
+    for name, (n, k, producer) in ({} if args.model_only else AS_RUN).items():
+        for m in ms:
+            row = as_run_row(name, n, k, producer, m, dev, args.reps)
+            out["rows"].append(row)
+            print(f"as run: {name:34s} M={m:5d}  bf16 {row['us']['bf16']:7.1f} us  fp8 {row['us']['fp8']:7.1f} "
+                  f"{row['speedup']:.2f}x  err vs bf16 {row['rel_error_vs_bf16']:.1e}", flush=True)
             save()
             torch.cuda.empty_cache()
     for m in [] if args.model_only else ms:

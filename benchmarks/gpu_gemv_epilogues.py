@@ -6,8 +6,9 @@
     against its own unmerged forward;
   - q/k/v with the rotary embedding and the KV-cache write (gemv(rope=...); core.merge's attention forward through
     StaticKVCache.project_rotary): bit for bit against the plain product followed by core.kernels.rope_cache, at
-    Llama-3-8B's q/k/v (32 + 2 x 8 heads of 128) and SmolLM2's (9 + 2 x 3 heads of 64); a merged 4-bit tiny Llama
-    decoded through StaticDecoder (CUDA graph) with the epilogue on and off: the same tokens;
+    Llama-3-8B's q/k/v (32 + 2 x 8 heads of 128) and SmolLM2's (9 + 2 x 3 heads of 64); merged 4-bit tiny Llama,
+    Mistral, Qwen2 (biased q/k/v) and Qwen3 decoders through StaticDecoder (CUDA graph) with the epilogue on and
+    off: the same tokens (--decoders-only runs just these);
   - the residual add after o_proj / down_proj (gemv(residual=...), core.fusion.linear_residual): bit for bit the
     product followed by PyTorch's add, at Llama-3-8B's o (K in one chunk) and down (K split, summed with the add);
     bf16 nn.Linear's addmm(residual, x, W^T) against mm + add;
@@ -54,10 +55,11 @@ RESIDUAL_CASES = [("Llama-3-8B o 4096x4096", 4096, 4096), ("Llama-3-8B down 4096
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--decoders-only", action="store_true", help="only the tiny decoders through StaticDecoder")
     a = ap.parse_args()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     rows, bad = [], 0
-    for name, width, k, bits, gs, sym in CASES:
+    for name, width, k, bits, gs, sym in [] if a.decoders_only else CASES:
         q = gk.make_qlinear(2 * width, k, bits, gs, sym)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         x += 0.1 * torch.sign(x)
@@ -97,16 +99,18 @@ def main():
         gk.log(f"{name}: rel err {err:.2e} (separate {err_sep:.2e}) ok={ok}; "
                + ", ".join(f"{n} {t:.2f} us" for n, t in us.items()))
         del copies
-    rows.append(module_check())
-    bad += not rows[-1]["ok"]
-    for name, heads, kv, d, k, gs, sym in ROPE_CASES:
-        rows.append(rope_case(name, heads, kv, d, k, gs, sym, l2))
+    if not a.decoders_only:
+        rows.append(module_check())
         bad += not rows[-1]["ok"]
-    for name, n, k in RESIDUAL_CASES:
-        rows.append(residual_case(name, n, k, l2))
+        for name, heads, kv, d, k, gs, sym in ROPE_CASES:
+            rows.append(rope_case(name, heads, kv, d, k, gs, sym, l2))
+            bad += not rows[-1]["ok"]
+        for name, n, k in RESIDUAL_CASES:
+            rows.append(residual_case(name, n, k, l2))
+            bad += not rows[-1]["ok"]
+    for arch in DECODER_ARCHS:
+        rows.append(decoder_check(arch))
         bad += not rows[-1]["ok"]
-    rows.append(decoder_check())
-    bad += not rows[-1]["ok"]
     out = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(0),
            "torch": torch.__version__, "command": "python3 " + " ".join(sys.argv), "failed": bad, "rows": rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -223,11 +227,15 @@ def residual_case(name, n, k, l2) -> dict:
     return row
 
 
+DECODER_ARCHS = ("llama", "mistral", "qwen2", "qwen3")  # qwen2: biased q/k/v; qwen3: q/k norms (no q/k/v epilogue)
+
+
 @torch.inference_mode()
-def decoder_check() -> dict:
-    """A merged 4-bit tiny Llama through StaticDecoder (CUDA graph): the same tokens with the q/k/v epilogue on and
-    off, and the epilogue taken at every layer of the decode step."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def decoder_check(arch: str = "llama") -> dict:
+    """A merged 4-bit tiny decoder of transformers' `arch` through StaticDecoder (CUDA graph): the same tokens with
+    the q/k/v epilogue and the residual adds in the products on and off; the epilogue taken at every layer of the
+    decode step (Qwen3 normalizes q and k per head before the rotation, so there it must never be taken)."""
+    import transformers
 
     from core import merge
     from core.kernels import dispatch
@@ -236,13 +244,19 @@ def decoder_check() -> dict:
     from core.quant.rtn import quantize_rtn
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1376, num_hidden_layers=2,
-                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256)
-    model = LlamaForCausalLM(cfg).eval()
+    names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[arch]
+    cfg = getattr(transformers, f"{names}Config")(
+        vocab_size=1000, hidden_size=512, intermediate_size=1376, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, max_position_embeddings=256, head_dim=64)
+    model = getattr(transformers, f"{names}ForCausalLM")(cfg).eval()
+    biased = False
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for n, lin in list(parent.named_children()):
                 if isinstance(lin, torch.nn.Linear):
+                    if lin.bias is not None:
+                        biased = True
+                        torch.nn.init.normal_(lin.bias, std=0.5)  # transformers initializes biases to zero
                     setattr(parent, n, QuantLinear.from_linear(lin, quantize_rtn(lin.weight.detach(), 4, 128, True)))
     model = model.cuda().to(torch.bfloat16)
     merged = merge.merge_projections(model)
@@ -269,12 +283,14 @@ def decoder_check() -> dict:
         dispatch.rope_matmul = real
         merge.unmerge(model)
     same = torch.equal(out[True][0], out[False][0])
-    used = bool(out[True][1]) and all(out[True][1])
-    row = {"case": "merged 4-bit tiny Llama through StaticDecoder", "merged_blocks": len(merged),
-           "decoder_layers_with_residual_in_products": decoders,
-           "tokens_equal_on_off": same, "epilogue_calls_on": len(out[True][1]), "all_calls_fused": used,
-           "mode": out[True][2], "warnings": out[True][3] + out[False][3], "ok": same and used and decoders == 2}
-    gk.log(f"decoder: {row}")
+    calls_on = out[True][1]
+    used = (not calls_on) if arch == "qwen3" else (bool(calls_on) and all(calls_on))
+    row = {"case": f"merged 4-bit tiny {names} through StaticDecoder", "arch": arch, "biased_projections": biased,
+           "merged_blocks": len(merged), "decoder_layers_with_residual_in_products": decoders,
+           "tokens_equal_on_off": same, "epilogue_calls_on": len(calls_on), "epilogue_use_as_expected": used,
+           "mode": out[True][2], "warnings": out[True][3] + out[False][3],
+           "ok": same and used and decoders == 2 and out[True][2] == out[False][2]}
+    gk.log(f"decoder {arch}: {row}")
     return row
 
 
