@@ -138,6 +138,10 @@ with right:
         st.caption(f"Calibrated to {hw.calibration}: decode moves the decoder linears at the bandwidth their "
                    "kernels reached (fraction of peak) — " + "; ".join(f"{k}: {', '.join(v)}" for k, v in by_fmt.items())
                    + ". Settings without a measurement use the bandwidth efficiency.")
+    if hw.overhead_saving_us:
+        st.caption("The per-layer overhead is lower where a format's kernels do the work of separate kernels of "
+                   "the bf16 loop it was fitted to (the 4-bit GEMV's epilogues at batch 1): "
+                   + "; ".join(f"{fmt} at batch {b}: {us:g} µs less" for fmt, b, us in hw.overhead_saving_us) + ".")
 
 # -- estimates -------------------------------------------------------------------------------------
 estimates, errors = [], []

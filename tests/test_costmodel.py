@@ -167,6 +167,20 @@ def test_measured_bandwidth_interpolates_in_log_batch():
     assert cm.measured_bw_fraction(H100, "dense", 1) is None  # the plain preset is a pure roofline
 
 
+def test_overhead_saving_applies_to_its_format_and_batch_only():
+    hw = replace(H100, layer_overhead_us=20.0, overhead_saving_us=(("int4", 1, 12.5), ("int8", 1, 30.0)))
+    assert cm.layer_overhead_us(hw, "int4", 1) == 7.5
+    assert cm.layer_overhead_us(hw, "int4", 2) == 20.0  # the epilogues run at batch 1 only
+    assert cm.layer_overhead_us(hw, "dense", 1) == 20.0
+    assert cm.layer_overhead_us(hw, "int8", 1) == 0.0  # never below zero
+    w4, ms = cm.weight_only(4, 128), lambda h, b: cm.estimate(L8, cm.weight_only(4, 128), h, b, 128, 64).decode_ms
+    plain = replace(hw, overhead_saving_us=())
+    assert ms(plain, 1) - ms(hw, 1) == pytest.approx(32 * 12.5e-3, rel=1e-9)
+    assert ms(plain, 4) == ms(hw, 4)
+    assert cm.estimate(L8, BF16, plain, 1, 128, 64).decode_ms == cm.estimate(L8, BF16, hw, 1, 128, 64).decode_ms
+    assert cm.kernel_format(w4) == "int4"
+
+
 def test_calibrated_decode_by_hand():
     w4 = cm.weight_only(4, 128)
     wb = cm.weight_bytes(L8, w4)
@@ -175,7 +189,8 @@ def test_calibrated_decode_by_hand():
     lin = wb["linear"] / (peak * 0.620)
     rest = (wb["read_per_step"] - wb["linear"]) / (peak * 0.789)
     e = cm.estimate(L8, w4, CAL, batch=1, prompt_len=1, gen_tokens=1)
-    assert e.decode_ms == pytest.approx((lin + rest + kv / BW + 32 * CAL.layer_overhead_us * 1e-6) * 1e3, rel=1e-9)
+    overhead = CAL.layer_overhead_us - 12.7  # the 4-bit GEMV's epilogues at batch 1 (overhead_saving_us)
+    assert e.decode_ms == pytest.approx((lin + rest + kv / BW + 32 * overhead * 1e-6) * 1e3, rel=1e-9)
     assert e.notes == []
     # the plain H100 profile is the roofline alone; the calibrated one is slower for every measured format
     for s in (BF16, w4, cm.w8a8("fp8")):
@@ -323,6 +338,7 @@ def test_page_renders_and_hardware_changes_numbers(store):
     cal = _table(at).loc["bf16", "Decode (ms/token)"]
     assert cal > h100 * 1.2
     assert any("Calibrated to slimlm's" in c.value for c in at.caption)
+    assert any("int4 at batch 1: 12.7 µs less" in c.value for c in at.caption)
     at.number_input(key=f"cm_hw_layer_overhead_us_{name}").set_value(0.0).run()
     overhead_ms = cm.PRESET_HARDWARE[name].layer_overhead_us * 1e-3
     assert _table(at).loc["bf16", "Decode (ms/token)"] == pytest.approx(cal - 30 * overhead_ms, rel=1e-3)  # 30 layers
@@ -404,6 +420,8 @@ def test_cli_cost_errors_are_clear(store, capsys):
 def test_compiled_step_profile_differs_only_in_the_layer_overhead():
     comp = cm.PRESET_HARDWARE["H100 SXM (slimlm kernels, compiled step)"]
     assert comp.kernel_bw == CAL.kernel_bw and comp.layer_overhead_us < CAL.layer_overhead_us
+    assert comp.overhead_saving_us == ()  # the compiled step's residual adds are Inductor's, and it has no PDL
     for s in (BF16, cm.weight_only(4, 128), cm.w8a8("fp8")):
         gap = cm.estimate(L8, s, CAL, 1, 128, 64).decode_ms - cm.estimate(L8, s, comp, 1, 128, 64).decode_ms
-        assert gap == pytest.approx(32 * (CAL.layer_overhead_us - comp.layer_overhead_us) * 1e-3, rel=1e-9)
+        graph = cm.layer_overhead_us(CAL, cm.kernel_format(s), 1)
+        assert gap == pytest.approx(32 * (graph - comp.layer_overhead_us) * 1e-3, rel=1e-9)

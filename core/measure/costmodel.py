@@ -339,6 +339,10 @@ class Hardware:
     # layer per decode step beyond the roofline (launches, norms, rotary, short attention).
     kernel_bw: tuple[tuple[str, int, float], ...] = ()
     layer_overhead_us: float = 0.0
+    # (format, batch, µs): per-layer time a format's kernels save from layer_overhead_us at exactly that batch, where
+    # they do work that is a separate kernel in the bf16 loop the overhead was fitted to (e.g. the 4-bit GEMV's
+    # epilogues at batch 1)
+    overhead_saving_us: tuple[tuple[str, int, float], ...] = ()
     calibration: str = ""
 
     def peak_flops(self, compute: str) -> float:
@@ -390,6 +394,14 @@ _H100_KERNEL_BW = (("dense", 1, 0.789), ("dense", 4, 0.789), ("dense", 16, 0.780
                    ("w8a8-int8", 64, 0.226))
 
 
+# Per-layer overhead the CUDA-graph loop saves on an H100 where slimlm's kernels do more than the matmul. int4 at
+# batch 1: the GEMV's epilogues (silu * up, the rotary embedding with the cache write, both residual adds) replace
+# four to five of bf16's kernels, and its matmuls launch with PDL. Fitted to W4A16 batch 1 of
+# results/gpu_decode_s12_final.json (2.386 ms/step, against 2.791 with bf16's 20.4 us/layer), then checked on two
+# later runs of the same code (benchmarks/RESULTS.md, session 13).
+_H100_GRAPH_SAVINGS = (("int4", 1, 12.7),)
+
+
 PRESET_HARDWARE: dict[str, Hardware] = {h.name: h for h in (
     # NVIDIA H100 SXM5 datasheet: 80 GB HBM3 at 3.35 TB/s; BF16 1,979 / FP8 3,958 / INT8 3,958 TFLOPS
     # "with sparsity" -> half dense; FP32 67 TFLOPS. ~$3/h on-demand (specialised clouds, 2024-25).
@@ -417,7 +429,7 @@ PRESET_HARDWARE: dict[str, Hardware] = {h.name: h for h in (
     # separate projections: 45.8; session 6 without the attention kernel: 51.6, before core.fusion: 77).
     Hardware("H100 SXM (slimlm kernels, measured)", "gpu", 3350, 989.5, 67, 80, 3.0, int8_tops=1979,
              fp8_tflops=1979, sparse24=True, match=("H100",),
-             kernel_bw=_H100_KERNEL_BW, layer_overhead_us=20.4,
+             kernel_bw=_H100_KERNEL_BW, layer_overhead_us=20.4, overhead_saving_us=_H100_GRAPH_SAVINGS,
              calibration="slimlm's Triton/cuBLAS kernels and CUDA-graph decode loop on an H100 80GB HBM3, "
                          "measured 2026-11-26"),
     # The same kernels with the decode step torch.compile'd before graph capture (the small ops fused): the
@@ -545,7 +557,7 @@ def decode_step_time(shape: ModelShape, setting: Setting, hw: Hardware, batch: i
     """Seconds of one decode step = max((weight bytes + KV bytes read) / BW, decode FLOPs / FLOP/s),
     KV read = kv_bytes_per_token x B x context. A calibrated profile (hw.kernel_bw) moves the decoder linears at
     their format's measured bandwidth and the rest (lm_head, norms) at the dense one, and adds
-    layers x hw.layer_overhead_us."""
+    layers x the per-layer overhead (layer_overhead_us())."""
     wb = weight_bytes(shape, setting)
     kv = kv_cache_bytes(shape, setting, batch, context)
     compute = _compute_time(decode_flops(shape, batch, context), setting, hw)
@@ -558,7 +570,14 @@ def decode_step_time(shape: ModelShape, setting: Setting, hw: Hardware, batch: i
         mem = wb["linear"] / (peak * lin_frac) + (wb["read_per_step"] - wb["linear"]) / (peak * rest_frac) \
             + kv / hw.bandwidth
         t, bound = (mem, "memory") if mem >= compute else (compute, "compute")
-    return t + shape.layers * hw.layer_overhead_us * 1e-6, bound
+    return t + shape.layers * layer_overhead_us(hw, kernel_format(setting), batch) * 1e-6, bound
+
+
+def layer_overhead_us(hw: Hardware, fmt: str, batch: int) -> float:
+    """Per-layer decode-step overhead of format `fmt` at `batch`: hw.layer_overhead_us less the format's saving
+    at that batch (hw.overhead_saving_us), never below 0."""
+    saving = next((us for k, b, us in hw.overhead_saving_us if k == fmt and b == batch), 0.0)
+    return max(0.0, hw.layer_overhead_us - saving)
 
 
 def crossover_batch(shape: ModelShape, setting: Setting, hw: Hardware, context: float = 0) -> float:
